@@ -1,0 +1,1 @@
+"""mrm-push: Google Calendar watch channels turned into FCM and WebSocket pushes."""
