@@ -1,0 +1,1 @@
+"""Stand-ins for Google OAuth, Google Calendar and FCM that speak the real wire format."""
