@@ -1,1 +1,25 @@
 """Tornado request handlers, one module per area; `all_routes()` joins their route lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from handlers.base import AUTH_DECISIONS, BaseHandler
+
+
+class RouteWithoutAuth(Exception):
+    """A route's handler names no auth decision: the service refuses to start."""
+
+
+def all_routes() -> list[tuple[str, type[BaseHandler]]]:
+    from handlers import health
+
+    return [*health.routes]
+
+
+def check_auth_decisions(routes: list[tuple[str, Any]]) -> None:
+    """Every route's handler must name its own auth decision (not merely inherit none)."""
+    for pattern, handler in routes:
+        decision = getattr(handler, "auth", None)
+        if decision not in AUTH_DECISIONS:
+            raise RouteWithoutAuth(f"route {pattern} ({handler.__name__}) has no auth decision")

@@ -1,0 +1,185 @@
+"""The base handler: auth decisions, bounded JSON bodies, and one JSON error shape."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable
+from http.client import responses
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+
+from tornado import httputil, web
+
+from daemon.configfile import Secrets
+
+if TYPE_CHECKING:
+    from daemon.app import Service
+
+log = logging.getLogger(__name__)
+
+# Every concrete handler names one; a route whose handler has none stops the start.
+AuthDecision = Literal["public", "api_key", "metrics", "webhook", "legacy", "subscriber"]
+AUTH_DECISIONS: frozenset[str] = frozenset(
+    {"public", "api_key", "metrics", "webhook", "legacy", "subscriber"}
+)
+
+
+class ApiError(web.HTTPError):
+    """An error answer: `{"error": {"status", "code", "message"}}`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, reason=None)
+        self.code = code
+        self.message = message
+
+
+def constant_time_in(candidate: str, secrets: tuple[str, ...]) -> bool:
+    """Whether `candidate` is one of `secrets`, comparing every one in constant time."""
+    given = candidate.encode()
+    found = False
+    for secret in secrets:
+        found |= hmac.compare_digest(given, secret.encode())
+    return found
+
+
+def bearer_token(request: httputil.HTTPServerRequest) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+@web.stream_request_body
+class BaseHandler(web.RequestHandler):
+    """JSON in, JSON out. Bodies are streamed so that Content-Length is checked before reading."""
+
+    auth: ClassVar[AuthDecision | None] = None
+
+    _body_parts: list[bytes]
+    _body_size: int
+
+    # -- shared objects ----------------------------------------------------------------------
+    @property
+    def service(self) -> Service:
+        return cast("Service", self.settings["service"])
+
+    @property
+    def secrets(self) -> Secrets:
+        return self.service.secrets
+
+    # -- request life ------------------------------------------------------------------------
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+
+    async def prepare(self) -> None:
+        self._body_parts = []
+        self._body_size = 0
+        limit = self.service.config.server.max_body_size
+        length = self.request.headers.get("Content-Length")
+        if length is not None:
+            if not length.isdigit():
+                raise ApiError(400, "invalid_content_length", "Content-Length is not a number")
+            if int(length) > limit:
+                raise ApiError(413, "body_too_large", f"the body is over {limit} bytes")
+        await self.authenticate()
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        self._body_size += len(chunk)
+        limit = self.service.config.server.max_body_size
+        if self._body_size > limit:
+            # A chunked body has no Content-Length: stop reading as soon as it goes over.
+            self.send_error(413, code="body_too_large", message=f"the body is over {limit} bytes")
+            self.request.connection.close()  # type: ignore[union-attr]
+            return None
+        self._body_parts.append(chunk)
+        return None
+
+    async def authenticate(self) -> None:
+        """Apply the handler's auth decision; raise 401 (changing nothing) when it fails."""
+        decision = self.auth
+        if decision == "api_key":
+            if not self.has_api_key():
+                raise ApiError(401, "unauthorized", "a valid API key is required")
+        elif decision == "metrics":
+            token = self.secrets.metrics_token
+            given = bearer_token(self.request) or ""
+            if token is not None and not constant_time_in(given, (token,)):
+                raise ApiError(401, "unauthorized", "a valid metrics token is required")
+        elif decision is None:  # pragma: no cover - the app refuses such routes at start
+            raise ApiError(500, "no_auth_decision", "this route has no auth decision")
+
+    def has_api_key(self) -> bool:
+        given = bearer_token(self.request) or self.request.headers.get("X-Api-Key", "")
+        return bool(given) and constant_time_in(given, self.secrets.api_keys)
+
+    # -- input and output --------------------------------------------------------------------
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._body_parts)
+
+    def json_body(self, required: bool = True) -> dict[str, Any]:
+        """The body as a JSON object ({} when empty and not required)."""
+        raw = self.body
+        if not raw.strip():
+            if required:
+                raise ApiError(400, "invalid_json", "a JSON object body is required")
+            return {}
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, "invalid_json", f"the body is not JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        return value
+
+    def int_arg(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
+        text = self.get_query_argument(name, None)
+        if text is None or text == "":
+            return default
+        if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
+            raise ApiError(400, f"invalid_{name}", f"{name} must be an integer from {lo} to {hi}")
+        return int(text)
+
+    def flag_arg(self, name: str) -> bool:
+        return self.get_query_argument(name, "0") in ("1", "true", "yes")
+
+    def write_json(self, value: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(value, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        code = kwargs.get("code") or responses.get(status_code, "error").lower()
+        message = kwargs.get("message") or responses.get(status_code, "error")
+        exc_info = kwargs.get("exc_info")
+        if exc_info is not None:
+            error = exc_info[1]
+            if isinstance(error, ApiError):
+                code, message = error.code, error.message
+            elif isinstance(error, web.HTTPError) and error.log_message:
+                message = error.log_message % error.args if error.args else error.log_message
+        code = str(code).replace(" ", "_")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(
+            json.dumps({"error": {"status": status_code, "code": code, "message": message}})
+        )
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, web.HTTPError):
+            return  # answered with its status and code; the access line records it
+        log.error(
+            "handler_error",
+            exc_info=(typ, value, tb),
+            extra={"route": type(self).__name__, "path": self.request.path},
+        )
+
+
+class NotFoundHandler(BaseHandler):
+    """Any path no route matches."""
+
+    auth = "public"
+
+    async def prepare(self) -> None:
+        raise ApiError(404, "not_found", "no such route")
