@@ -41,7 +41,7 @@ class Server(Section):
     """Where and how the HTTP server listens."""
 
     host: str = key("127.0.0.1", "", "address to listen on")
-    port: int = key(8080, "", "TCP port to listen on (1-65535)", ge=1, le=65535)
+    port: int = key(8080, "", "TCP port to listen on (0: any free port)", ge=0, le=65535)
     public_url: str = key(
         "http://127.0.0.1:8080", "URL", "how Google reaches us; https:// unless loopback"
     )

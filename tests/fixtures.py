@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,14 @@ def write_config(directory: Path, overrides: dict[str, Any] | None = None) -> Pa
 
 
 @pytest.fixture
-def make_service(io_loop, tmp_path) -> Iterator[Callable[..., Service]]:
+def make_service(io_loop, tmp_path) -> Iterator[Callable[..., Awaitable[Service]]]:
     started: list[Service] = []
 
-    def make(overrides: dict[str, Any] | None = None, clock: Clock | None = None) -> Service:
+    async def make(overrides: dict[str, Any] | None = None, clock: Clock | None = None) -> Service:
+        """Build and start a service on a free port of 127.0.0.1 (stopped after the test)."""
         loaded = load_config(str(write_config(tmp_path, overrides)), environ={})
         service = Service(loaded, clock=clock)
-        sockets = bind_sockets(0, "127.0.0.1")
-        io_loop.run_sync(lambda: service.start(sockets))
+        await service.start(bind_sockets(0, "127.0.0.1"))
         started.append(service)
         return service
 

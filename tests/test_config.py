@@ -77,7 +77,11 @@ def test_environment_values_are_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("text", "environ", "message"),
     [
-        ("server:\n  port: 70000\n", {}, "server.port: Input should be less than or equal to 65535"),
+        (
+            "server:\n  port: 70000\n",
+            {},
+            "server.port: Input should be less than or equal to 65535",
+        ),
         ("server:\n  port: 0x\n", {}, "server.port: Input should be a valid integer"),
         ("server:\n  prot: 1\n", {}, "server.prot: unknown key"),
         ("nosuch:\n  a: 1\n", {}, "nosuch: unknown key"),
