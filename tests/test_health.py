@@ -8,8 +8,8 @@ from tornado import web
 from daemon.app import Service
 from handlers import RouteWithoutAuth, check_auth_decisions
 from handlers.base import BaseHandler
-from tests.fixtures import call, make_service  # noqa: F401  (fixture)
 from storage.base import StoreUnavailable
+from tests.fixtures import call, make_service  # noqa: F401  (fixture)
 
 
 @pytest.mark.gen_test(timeout=10)
