@@ -13,19 +13,24 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
+from daemon.channels import ChannelManager
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config
-from daemon.configfile import LoadedConfig, Secrets
+from daemon.configfile import ConfigError, LoadedConfig, Secrets
+from daemon.google_calendar import GoogleCalendar
 from daemon.metrics import Metrics
+from daemon.refresh import Refresher
+from daemon.rooms import Rooms
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
 from storage import make_store
-from storage.base import Store, StoreError
+from storage.base import Notification, Store, StoreError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mrm_push.access")
 
 READINESS_TIMEOUT = 5.0
+CHANNEL_UPKEEP_INTERVAL = 15.0  # seconds between background channel retries and stop attempts
 
 
 class Service:
@@ -45,18 +50,83 @@ class Service:
         self.store: Store = store or make_store(
             self.config.storage.url, self.config.storage.mongo_driver
         )
+        self.google = self._make_google()
+        self.channels = ChannelManager(self.store, self.google, self.clock, self.config)
+        self.rooms = Rooms(self.store, self.channels, self.clock)
+        self.refresher = Refresher(self.store, self.rooms, self.config, self.secrets.backend_token)
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {
-            "storage": self.store.ping
+            "storage": self.store.ping,
+            "google": self._google_ready,
         }
         self.periodic: dict[str, PeriodicCallback] = {}
+        self._add_periodic(
+            "renew", self.channels.renew_due, self.config.google.renew_check_interval
+        )
+        self._add_periodic("channel_retries", self._channel_upkeep, CHANNEL_UPKEEP_INTERVAL)
+        if self.config.backend.refresh_interval and self.config.backend.url:
+            self._add_periodic(
+                "refresh", self.refresher.refresh, self.config.backend.refresh_interval
+            )
         self.app = self._make_app()
         self.server: HTTPServer | None = None
         self.sockets: list[socket.socket] = []
         self.stopping = False
 
+    def _make_google(self) -> GoogleCalendar | None:
+        google = self.config.google
+        if not google.service_account_file:
+            log.warning(
+                "google_not_configured",
+                extra={"reason": "google.service_account_file is not set; no channel can be made"},
+            )
+            return None
+        try:
+            return GoogleCalendar(
+                service_account_file=google.service_account_file,
+                subject=google.subject,
+                calendar_endpoint=google.calendar_endpoint,
+                request_timeout=google.request_timeout,
+                max_concurrency=google.max_concurrency,
+            )
+        except (OSError, ValueError, KeyError) as error:
+            raise ConfigError(
+                f"google.service_account_file: cannot use {google.service_account_file} ({error})"
+            ) from None
+
+    async def _google_ready(self) -> None:
+        if self.google is None:
+            raise RuntimeError("not configured: google.service_account_file is not set")
+        await self.google.check()
+
+    def _add_periodic(self, name: str, work: Callable[[], Awaitable[Any]], interval: float) -> None:
+        """Run `work` every `interval` seconds; a run still going when the next is due is not
+        doubled, and a failure is logged, never fatal."""
+        running: set[str] = set()
+
+        async def run() -> None:
+            if name in running or self.stopping:
+                return
+            running.add(name)
+            try:
+                await work()
+            except Exception:
+                log.exception("periodic_failed", extra={"task": name})
+            finally:
+                running.discard(name)
+
+        self.periodic[name] = PeriodicCallback(run, interval * 1000, jitter=0.1)
+
+    async def _channel_upkeep(self) -> None:
+        await self.channels.retry_pending()
+        await self.channels.process_stops()
+
+    def notification_stored(self, notification: Notification) -> None:
+        """A webhook notification is stored; the notification path takes it from here."""
+        log.debug("notification_stored", extra={"notification_id": notification.id})
+
     def _make_app(self) -> web.Application:
-        routes = all_routes()
+        routes = all_routes(self.config.google.webhook_path)
         check_auth_decisions(routes)
         return web.Application(
             routes,
@@ -79,6 +149,7 @@ class Service:
             idle_connection_timeout=60,
         )
         self.server.add_sockets(self.sockets)
+        await self.channels.recover_after_restart()
         for callback in self.periodic.values():
             callback.start()
         log.info("listening", extra={"host": server.host, "port": self.port})
@@ -98,8 +169,11 @@ class Service:
             self.server.stop()
         for callback in self.periodic.values():
             callback.stop()
+        await self.channels.drain(1.0)
         if self.server is not None:
             await self.server.close_all_connections()
+        if self.google is not None:
+            self.google.close()
         await self.store.close()
         log.info("stopped")
 

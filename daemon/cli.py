@@ -74,7 +74,11 @@ async def serve(loaded: LoadedConfig, *, emulator: bool = False) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         # The handler only sets a flag; the shutdown runs on the loop like everything else.
         loop.add_signal_handler(signum, stop_requested.set)
-    service = Service(loaded)
+    try:
+        service = Service(loaded)
+    except ConfigError as error:
+        print(f"mrm-push: config: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         await service.start()
     except (StoreConfigError, OSError) as error:

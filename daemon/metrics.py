@@ -33,6 +33,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
             registry=self.registry,
         )
+        self.webhook = Counter(
+            "mrm_push_webhook_calls",
+            "Google webhook calls, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.ready = Gauge(
             "mrm_push_ready", "1 when the last /readyz check passed.", registry=self.registry
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from handlers.base import AUTH_DECISIONS, BaseHandler
@@ -11,10 +12,16 @@ class RouteWithoutAuth(Exception):
     """A route's handler names no auth decision: the service refuses to start."""
 
 
-def all_routes() -> list[tuple[str, type[BaseHandler]]]:
-    from handlers import health
+def all_routes(webhook_path: str = "/notifications") -> list[tuple[str, type[BaseHandler]]]:
+    from handlers import health, legacy, refresh, rooms, webhook
 
-    return [*health.routes]
+    return [
+        *health.routes,
+        *rooms.routes,
+        *refresh.routes,
+        *legacy.routes,
+        (re.escape(webhook_path), webhook.WebhookHandler),
+    ]
 
 
 def check_auth_decisions(routes: list[tuple[str, Any]]) -> None:

@@ -55,7 +55,7 @@ def bearer_token(request: httputil.HTTPServerRequest) -> str | None:
 class BaseHandler(web.RequestHandler):
     """JSON in, JSON out. Bodies are streamed so that Content-Length is checked before reading."""
 
-    auth: ClassVar[AuthDecision | None] = None
+    auth: ClassVar[str | None] = None  # one of AUTH_DECISIONS; checked at start
 
     _body_parts: list[bytes]
     _body_size: int

@@ -22,8 +22,19 @@ async def test_healthz_needs_no_key(make_service):
 async def test_readyz_reports_each_check(make_service):
     service = await make_service()
     status, body = await call(service, "GET", "/readyz", key=None)
-    assert status == 200
-    assert body["status"] == "ready" and body["checks"]["storage"] == "ok"
+    # No Google credentials configured: said, not hidden.
+    assert status == 503
+    assert body["checks"]["storage"] == "ok"
+    assert body["checks"]["google"] == (
+        "RuntimeError: not configured: google.service_account_file is not set"
+    )
+
+    async def fine() -> None:
+        return None
+
+    service.readiness_checks["google"] = fine
+    status, body = await call(service, "GET", "/readyz", key=None)
+    assert status == 200 and body["status"] == "ready"
 
     async def down() -> None:
         raise StoreUnavailable("connection refused by 127.0.0.1:27017")
@@ -33,7 +44,7 @@ async def test_readyz_reports_each_check(make_service):
     assert status == 503
     assert body == {
         "status": "unready",
-        "checks": {"storage": "connection refused by 127.0.0.1:27017"},
+        "checks": {"storage": "connection refused by 127.0.0.1:27017", "google": "ok"},
     }
     assert "mrm_push_ready 0.0" in (await call(service, "GET", "/metrics"))[1]
 

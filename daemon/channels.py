@@ -1,0 +1,372 @@
+"""Watch channels: one current channel per room calendar, made, retried, renewed and stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.backoff import backoff_delay
+from daemon.clock import Clock
+from daemon.config import Config
+from daemon.google_calendar import (
+    GoogleCalendar,
+    GoogleError,
+    GoogleTimeout,
+    PermanentGoogleError,
+    WatchResult,
+)
+from storage.base import Channel, Store
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = ("pending", "active")
+NO_CREDENTIALS = PermanentGoogleError(0, "noCredentials", "google.service_account_file is not set")
+RETRY_BASE = 5.0  # seconds before the first background retry of a channel or a stop
+RETRY_CAP = 3600.0
+
+
+def current_of(channels: list[Channel]) -> Channel | None:
+    """A calendar's current channel among its channels (oldest first): the newest pending or
+    active one; the newest failed one when that is all there is."""
+    live = [c for c in channels if c.state in LIVE_STATES]
+    if live:
+        return live[-1]
+    failed = [c for c in channels if c.state == "failed"]
+    return failed[-1] if failed else None
+
+
+@dataclass
+class RenewSummary:
+    renewed: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"renewed": self.renewed, "failed": self.failed}
+
+
+class ChannelManager:
+    """Owns the channel lifecycle; handlers and periodic callbacks call its methods."""
+
+    def __init__(
+        self, store: Store, google: GoogleCalendar | None, clock: Clock, config: Config
+    ) -> None:
+        self.store = store
+        self.google = google
+        self.clock = clock
+        self.config = config
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stops_kick = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return self.config.server.public_url + self.config.google.webhook_path
+
+    def _lock(self, calendar_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(calendar_id, asyncio.Lock())
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run in the background, kept referenced until done (and awaited at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self, limit: float) -> None:
+        """Wait for background work (late watches, stops) at shutdown, up to `limit` seconds."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=limit)
+
+    # -- which channel is current ------------------------------------------------------------
+    async def current_channel(self, calendar_id: str) -> Channel | None:
+        return current_of(await self.store.list_channels(calendar_id))
+
+    # -- making channels ---------------------------------------------------------------------
+    async def ensure_channel(self, calendar_id: str, wait: float | None = None) -> Channel | None:
+        """Make sure the calendar has a current channel; wait at most `wait` seconds for Google
+        (default google.request_timeout), after which the channel stays pending and the work
+        goes on in the background. A failed channel is left alone (refresh or renew retry)."""
+        current = await self.current_channel(calendar_id)
+        if current is not None:
+            return current
+        return await self._bounded(self.create_channel(calendar_id), calendar_id, wait)
+
+    async def _bounded(
+        self, work: Coroutine[Any, Any, Channel | None], calendar_id: str, wait: float | None
+    ) -> Channel | None:
+        task = self.spawn(work)
+        limit = self.config.google.request_timeout if wait is None else wait
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), limit)
+        except TimeoutError:
+            return await self.current_channel(calendar_id)
+
+    async def create_channel(self, calendar_id: str) -> Channel | None:
+        """A new channel: the first full list (when no sync token yet), stored as pending,
+        then watched. Returns it in whatever state Google's answer left it."""
+        async with self._lock(calendar_id):
+            if await self.store.get_room(calendar_id) is None:
+                return None  # deleted meanwhile
+            now = self.clock.now()
+            channel = Channel(
+                id=str(uuid.uuid4()),
+                calendar_id=calendar_id,
+                resource_id="",
+                token=secrets.token_urlsafe(48),
+                expiration=None,
+                state="pending",
+                confirmed=False,
+                last_message_number=0,
+                last_error=None,
+                created_at=now,
+                updated_at=now,
+            )
+            error = await self._first_sync_token(calendar_id)
+            await self.store.insert_channel(channel)
+            if error is not None:
+                return await self._failed_attempt(channel, error)
+        return await self._watch(channel)
+
+    async def _first_sync_token(self, calendar_id: str) -> GoogleError | None:
+        """The first sync token comes from a full list made before the first watch; that list
+        pushes nothing. Changes between it and the watch come with the first incremental sync."""
+        if self.google is None:
+            return NO_CREDENTIALS
+        if await self.store.get_sync_token(calendar_id) is not None:
+            return None
+        try:
+            listing = await self.google.list_events(calendar_id, None)
+        except GoogleError as error:
+            return error
+        await self.store.set_sync_token(calendar_id, listing.next_sync_token)
+        return None
+
+    async def _watch(self, channel: Channel) -> Channel | None:
+        if self.google is None:
+            return await self._failed_attempt(channel, NO_CREDENTIALS)
+        if await self.store.get_sync_token(channel.calendar_id) is None:
+            error = await self._first_sync_token(channel.calendar_id)
+            if error is not None:
+                return await self._failed_attempt(channel, error)
+        try:
+            result = await self.google.watch(
+                channel.calendar_id,
+                channel.id,
+                channel.token,
+                self.address,
+                self.config.google.channel_ttl,
+            )
+        except GoogleTimeout as timeout:
+            if timeout.late is None:  # nothing left running: an ordinary transient failure
+                return await self._failed_attempt(channel, timeout)
+            # The call may still reach Google: park the channel (no retry time) until the late
+            # answer settles it either way.
+            updated = await self.store.update_channel(
+                channel.id,
+                self.clock.now(),
+                last_error=f"watch timed out: {timeout}",
+                next_attempt_at=None,
+                attempts=channel.attempts + 1,
+            )
+            self.spawn(self._late_watch(channel, timeout.late))
+            return updated
+        except GoogleError as error:
+            return await self._failed_attempt(channel, error)
+        return await self._watched(channel, result)
+
+    async def _late_watch(self, channel: Channel, late: asyncio.Future[WatchResult]) -> None:
+        try:
+            result = await late
+        except GoogleError as error:
+            stored = await self.store.get_channel(channel.id)
+            if stored is not None and stored.state == "pending":
+                await self._failed_attempt(stored, error)
+            return
+        log.info("watch_answered_late", extra={"channel_id": channel.id})
+        await self._watched(channel, result)
+
+    async def _watched(self, channel: Channel, result: WatchResult) -> Channel | None:
+        """Record Google's answer; stop the channel if it is no longer the current one."""
+        stored = await self.store.get_channel(channel.id)
+        if stored is None:
+            # Forgotten meanwhile (room deleted): Google's channel must not live on.
+            await self.queue_stop(channel.id, result.resource_id, channel.calendar_id)
+            return None
+        if stored.state in LIVE_STATES:
+            current = await self.current_channel(channel.calendar_id)
+            if current is not None and current.id != channel.id:
+                # A newer channel took over while this watch was under way.
+                await self.queue_stop(channel.id, result.resource_id, channel.calendar_id)
+                return None
+        updated = await self.store.update_channel(
+            channel.id,
+            self.clock.now(),
+            state="active" if stored.state in LIVE_STATES else stored.state,
+            resource_id=stored.resource_id or result.resource_id,
+            expiration=result.expiration,
+            last_error=None,
+            next_attempt_at=None,
+        )
+        log.info(
+            "channel_active",
+            extra={"channel_id": channel.id, "calendar_id": channel.calendar_id},
+        )
+        return updated
+
+    async def _failed_attempt(self, channel: Channel, error: GoogleError) -> Channel | None:
+        attempts = channel.attempts + 1
+        now = self.clock.now()
+        if isinstance(error, PermanentGoogleError) or attempts > self.config.google.max_retries:
+            log.warning(
+                "channel_failed",
+                extra={
+                    "channel_id": channel.id,
+                    "calendar_id": channel.calendar_id,
+                    "reason": str(error),
+                },
+            )
+            return await self.store.update_channel(
+                channel.id,
+                now,
+                state="failed",
+                last_error=str(error),
+                attempts=attempts,
+                next_attempt_at=None,
+            )
+        delay = backoff_delay(attempts, base=RETRY_BASE, cap=RETRY_CAP)
+        log.info(
+            "channel_retry_scheduled",
+            extra={"channel_id": channel.id, "reason": str(error), "in_seconds": round(delay)},
+        )
+        return await self.store.update_channel(
+            channel.id, now, last_error=str(error), attempts=attempts, next_attempt_at=now + delay
+        )
+
+    async def retry_pending(self) -> int:
+        """Background retry: watch again every pending channel whose retry time has come."""
+        now = self.clock.now()
+        due = [
+            c
+            for c in await self.store.list_channels(states=("pending",))
+            if c.next_attempt_at is not None and c.next_attempt_at <= now
+        ]
+        for channel in due:
+            await self._watch(channel)
+        return len(due)
+
+    async def recover_after_restart(self) -> None:
+        """Pending channels left without a retry time were in flight when the process died;
+        their watch may or may not have reached Google, so retry them now."""
+        now = self.clock.now()
+        for channel in await self.store.list_channels(states=("pending",)):
+            if channel.next_attempt_at is None:
+                await self.store.update_channel(channel.id, now, next_attempt_at=now)
+
+    # -- Google's sync message ---------------------------------------------------------------
+    async def confirmed(self, channel: Channel) -> None:
+        """A channel's `sync` arrived: channels it replaces can now be stopped (no gap)."""
+        for older in await self.store.list_channels(channel.calendar_id, states=("retiring",)):
+            if older.created_at <= channel.created_at and older.id != channel.id:
+                await self.queue_stop(older.id, older.resource_id, older.calendar_id)
+
+    # -- renewal -----------------------------------------------------------------------------
+    async def renew_due(self) -> RenewSummary:
+        """Give every current channel expiring within google.renew_before its successor."""
+        horizon = self.clock.now() + self.config.google.renew_before
+        summary = RenewSummary()
+        for channel in await self.store.list_channels(states=("active",), expiring_before=horizon):
+            current = await self.current_channel(channel.calendar_id)
+            if current is None or current.id != channel.id:
+                continue  # a successor exists already
+            await self._renew(channel.calendar_id, summary)
+        await self._forget_expired_retiring()
+        return summary
+
+    async def renew_now(self, calendar_id: str | None = None) -> RenewSummary:
+        """Every room's calendar (or one) gets a new channel now, failed ones included."""
+        summary = RenewSummary()
+        if calendar_id is not None:
+            calendars = [calendar_id]
+        else:
+            calendars = [room.calendar_id for room in await self.store.list_rooms()]
+        for calendar in calendars:
+            await self._renew(calendar, summary)
+        return summary
+
+    async def _renew(self, calendar_id: str, summary: RenewSummary) -> None:
+        previous = [
+            c
+            for c in await self.store.list_channels(calendar_id)
+            if c.state in ("active", "pending", "failed")
+        ]
+        successor = await self.create_channel(calendar_id)
+        if successor is None or successor.state == "failed":
+            reason = successor.last_error if successor else "room not found"
+            summary.failed.append({"calendar_id": calendar_id, "reason": reason or "failed"})
+            return
+        summary.renewed += 1
+        now = self.clock.now()
+        for old in previous:
+            if old.state == "active":
+                await self.store.update_channel(old.id, now, state="retiring")
+                if successor.confirmed:
+                    await self.queue_stop(old.id, old.resource_id, calendar_id)
+            else:
+                # Never watched successfully: nothing overlaps, so no need to keep it.
+                await self.discard(old)
+
+    async def _forget_expired_retiring(self) -> None:
+        now = self.clock.now()
+        for channel in await self.store.list_channels(states=("retiring",), expiring_before=now):
+            await self.queue_stop(channel.id, channel.resource_id, channel.calendar_id)
+
+    # -- stopping ----------------------------------------------------------------------------
+    async def discard(self, channel: Channel) -> None:
+        """Forget a channel; stop it at Google unless Google never gave it a resource id (a
+        watch still in flight is stopped by its late answer, which finds no channel)."""
+        if channel.resource_id:
+            await self.queue_stop(channel.id, channel.resource_id, channel.calendar_id)
+        else:
+            await self.store.delete_channel(channel.id)
+
+    async def queue_stop(self, channel_id: str, resource_id: str, calendar_id: str | None) -> bool:
+        """Forget the channel and queue its `channels.stop` (retried until done)."""
+        await self.store.delete_channel(channel_id)
+        queued = await self.store.enqueue_stop(
+            channel_id, resource_id, calendar_id, self.clock.now()
+        )
+        if queued:
+            self.spawn(self.process_stops())
+        return queued
+
+    async def forget_calendar(self, calendar_id: str) -> int:
+        """The room went: every channel of its calendar is stopped through the stop queue."""
+        channels = await self.store.list_channels(calendar_id)
+        for channel in channels:
+            await self.discard(channel)
+        return len(channels)
+
+    async def process_stops(self) -> int:
+        """Send the due stops; a 404 counts as stopped; other failures are retried later."""
+        if self.google is None:
+            return 0
+        done = 0
+        for stop in await self.store.due_stops(self.clock.now()):
+            try:
+                await self.google.stop(stop.channel_id, stop.resource_id)
+            except GoogleError as error:
+                if error.status != 404:
+                    delay = backoff_delay(stop.attempts + 1, base=RETRY_BASE, cap=RETRY_CAP)
+                    await self.store.reschedule_stop(
+                        stop.channel_id, self.clock.now() + delay, str(error)
+                    )
+                    continue
+            await self.store.remove_stop(stop.channel_id)
+            log.info("channel_stopped", extra={"channel_id": stop.channel_id})
+            done += 1
+        return done

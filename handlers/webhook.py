@@ -1,0 +1,122 @@
+"""Google's webhook: check the headers, confirm channels, count duplicates, store notifications."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+from handlers.base import ApiError, BaseHandler
+from storage.base import DuplicateNotification, ResourceState, StoreError
+
+log = logging.getLogger(__name__)
+
+HEADER_MAX = 1024
+RESOURCE_STATES: frozenset[str] = frozenset({"sync", "exists", "not_exists"})
+
+
+@dataclass(frozen=True)
+class GoogleHeaders:
+    channel_id: str
+    message_number: int
+    resource_id: str
+    resource_state: ResourceState
+    token: str | None
+
+
+def parse_headers(headers: dict[str, str]) -> GoogleHeaders:
+    """The X-Goog-* headers, checked; ApiError 400 naming the first bad one."""
+    for name, value in headers.items():
+        if name.lower().startswith("x-goog-") and len(value.encode()) > HEADER_MAX:
+            raise ApiError(400, "invalid_header", f"{name} is over {HEADER_MAX} bytes")
+
+    def required(name: str) -> str:
+        value = headers.get(name, "").strip()
+        if not value:
+            raise ApiError(400, "missing_header", f"{name} is required")
+        if not value.isprintable():
+            raise ApiError(400, "invalid_header", f"{name} holds control characters")
+        return value
+
+    channel_id = required("X-Goog-Channel-ID")
+    number_text = required("X-Goog-Message-Number")
+    if not (number_text.isascii() and number_text.isdigit()) or len(number_text) > 19:
+        raise ApiError(400, "invalid_header", "X-Goog-Message-Number is not a positive integer")
+    number = int(number_text)
+    if number < 1:
+        raise ApiError(400, "invalid_header", "X-Goog-Message-Number is not a positive integer")
+    resource_id = required("X-Goog-Resource-ID")
+    state = required("X-Goog-Resource-State")
+    if state not in RESOURCE_STATES:
+        raise ApiError(400, "invalid_header", "X-Goog-Resource-State is not sync/exists/not_exists")
+    token = headers.get("X-Goog-Channel-Token")
+    return GoogleHeaders(channel_id, number, resource_id, state, token)  # type: ignore[arg-type]
+
+
+class WebhookHandler(BaseHandler):
+    """POST google.webhook_path: Google's push notifications (no body, headers only)."""
+
+    # Google sends no credentials: each call is checked against the channel's own random
+    # token and resource id, compared in constant time.
+    auth = "webhook"
+
+    async def post(self) -> None:
+        google = parse_headers(dict(self.request.headers.get_all()))
+        service = self.service
+        try:
+            outcome = await self._handle(google)
+        except StoreError as error:
+            # Google retries 5xx: answer it only when the notification could not be kept.
+            log.error("webhook_store_failed", extra={"reason": str(error)})
+            service.metrics.webhook.labels("store_failed").inc()
+            raise ApiError(
+                503, "storage_unavailable", "the notification could not be stored"
+            ) from None
+        service.metrics.webhook.labels(outcome).inc()
+        self.set_status(200)
+        self.finish()
+
+    async def _handle(self, google: GoogleHeaders) -> str:
+        service = self.service
+        channel = await service.store.get_channel(google.channel_id)
+        if channel is None:
+            queued = await service.channels.queue_stop(
+                google.channel_id, google.resource_id, calendar_id=None
+            )
+            log.info(
+                "webhook_unknown_channel",
+                extra={"channel_id": google.channel_id, "stop_queued": queued},
+            )
+            return "unknown_channel"
+        if not hmac.compare_digest((google.token or "").encode(), channel.token.encode()):
+            raise ApiError(403, "bad_channel_token", "the channel token is missing or wrong")
+        if channel.resource_id and not hmac.compare_digest(
+            google.resource_id.encode(), channel.resource_id.encode()
+        ):
+            raise ApiError(403, "bad_resource_id", "the resource id is not the channel's")
+        if google.resource_state == "sync":
+            await service.store.advance_message_number(channel.id, google.message_number)
+            confirmed = await service.store.confirm_channel(
+                channel.id, google.resource_id, service.clock.now()
+            )
+            if confirmed is not None:
+                await service.channels.confirmed(confirmed)
+            return "sync"
+        if google.message_number <= channel.last_message_number:
+            return "duplicate"
+        # Stored before the answer; the unique (channel, number) pair makes a retry from Google
+        # a duplicate even when the process died before the number was advanced.
+        try:
+            notification = await service.store.add_notification(
+                channel.calendar_id,
+                "webhook",
+                google.resource_state,
+                service.clock.now(),
+                channel_id=channel.id,
+                message_number=google.message_number,
+            )
+        except DuplicateNotification:
+            return "duplicate"
+        await service.store.advance_message_number(channel.id, google.message_number)
+        service.notification_stored(notification)
+        return "stored"
