@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from daemon.configfile import ConfigError, LoadedConfig, describe, load_config, warnings
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.emulator.run import run_emulator
 
         return asyncio.run(run_emulator(args.host, args.port, loaded))
-    return asyncio.run(serve(loaded, emulator=args.emulator))
+    return asyncio.run(serve(loaded, with_emulator=args.emulator))
 
 
 def check_config(loaded: LoadedConfig) -> int:
@@ -64,7 +65,7 @@ def check_config(loaded: LoadedConfig) -> int:
     return 0
 
 
-async def serve(loaded: LoadedConfig, *, emulator: bool = False) -> int:
+async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
     """Start, wait for SIGTERM or SIGINT, drain, exit 0 (2 when the start is impossible)."""
     from daemon.app import Service
 
@@ -74,6 +75,14 @@ async def serve(loaded: LoadedConfig, *, emulator: bool = False) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         # The handler only sets a flag; the shutdown runs on the loop like everything else.
         loop.add_signal_handler(signum, stop_requested.set)
+    emulator = None
+    if with_emulator:
+        from daemon.emulator import run as emulator_run
+
+        emulator = emulator_run.start_emulator()
+        demo = emulator_run.prepare_demo(emulator, Path(loaded.config.server.state_dir))
+        loaded = emulator_run.with_emulator(loaded, emulator, demo)
+        log.warning("emulator_mode", extra={"emulator": emulator.base_url})
     try:
         service = Service(loaded)
     except ConfigError as error:
@@ -85,6 +94,8 @@ async def serve(loaded: LoadedConfig, *, emulator: bool = False) -> int:
         print(f"mrm-push: cannot start: {error}", file=sys.stderr)
         await service.store.close()
         return EXIT_CONFIG
+    if emulator is not None:
+        print(emulator_run.demo_instructions(service.base_url, emulator, demo), flush=True)
     notifier.notify("READY=1")
     watchdog = _start_watchdog(notifier)
     await stop_requested.wait()
@@ -96,6 +107,8 @@ async def serve(loaded: LoadedConfig, *, emulator: bool = False) -> int:
         await asyncio.wait_for(service.stop(), loaded.config.server.shutdown_timeout)
     except TimeoutError:
         log.error("shutdown_timed_out", extra={"timeout": loaded.config.server.shutdown_timeout})
+    if emulator is not None:
+        emulator.stop()
     return 0
 
 

@@ -6,6 +6,8 @@ import hmac
 import logging
 from dataclasses import dataclass
 
+from tornado.httputil import HTTPHeaders
+
 from handlers.base import ApiError, BaseHandler
 from storage.base import DuplicateNotification, ResourceState, StoreError
 
@@ -24,9 +26,10 @@ class GoogleHeaders:
     token: str | None
 
 
-def parse_headers(headers: dict[str, str]) -> GoogleHeaders:
-    """The X-Goog-* headers, checked; ApiError 400 naming the first bad one."""
-    for name, value in headers.items():
+def parse_headers(headers: HTTPHeaders) -> GoogleHeaders:
+    """The X-Goog-* headers (looked up case-insensitively), checked; ApiError 400 naming the
+    first bad one."""
+    for name, value in headers.get_all():
         if name.lower().startswith("x-goog-") and len(value.encode()) > HEADER_MAX:
             raise ApiError(400, "invalid_header", f"{name} is over {HEADER_MAX} bytes")
 
@@ -61,7 +64,7 @@ class WebhookHandler(BaseHandler):
     auth = "webhook"
 
     async def post(self) -> None:
-        google = parse_headers(dict(self.request.headers.get_all()))
+        google = parse_headers(self.request.headers)
         service = self.service
         try:
             outcome = await self._handle(google)

@@ -13,7 +13,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.netutil import bind_sockets
 
 from daemon.app import Service
-from daemon.clock import Clock
+from daemon.clock import Clock, ManualClock
+from daemon.emulator.app import Emulator
+from daemon.emulator.fcm import FcmEmulator
 from daemon.configfile import load_config
 
 API_KEY = "test-api-key-0123456789abcdef"
@@ -35,14 +37,57 @@ def write_config(directory: Path, overrides: dict[str, Any] | None = None) -> Pa
 
 
 @pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def emulator(io_loop, clock, tmp_path) -> Iterator[Emulator]:
+    """The Google (and FCM) emulator on a free port, on the test's movable clock."""
+    emulator = Emulator(clock)
+    emulator.fcm = FcmEmulator(emulator.oauth, clock, project_id="mrm-push-emulator")
+    emulator.start()
+    emulator.write_service_account(str(tmp_path / "service-account.json"))
+    yield emulator
+    emulator.stop()
+
+
+def emulator_config(emulator: Emulator, key_file: str) -> dict[str, Any]:
+    return {
+        "google": {
+            "service_account_file": key_file,
+            "calendar_endpoint": emulator.calendar_endpoint,
+            "request_timeout": 5,
+        },
+        "fcm": {
+            "service_account_file": key_file,
+            "project_id": "mrm-push-emulator",
+            "endpoint": emulator.base_url,
+        },
+    }
+
+
+@pytest.fixture
 def make_service(io_loop, tmp_path) -> Iterator[Callable[..., Awaitable[Service]]]:
     started: list[Service] = []
 
-    async def make(overrides: dict[str, Any] | None = None, clock: Clock | None = None) -> Service:
-        """Build and start a service on a free port of 127.0.0.1 (stopped after the test)."""
-        loaded = load_config(str(write_config(tmp_path, overrides)), environ={})
+    async def make(
+        overrides: dict[str, Any] | None = None,
+        clock: Clock | None = None,
+        emulator: Emulator | None = None,
+    ) -> Service:
+        """Build and start a service on a free port of 127.0.0.1 (stopped after the test);
+        with `emulator`, pointed at it for Google and FCM."""
+        sockets = bind_sockets(0, "127.0.0.1")
+        port = sockets[0].getsockname()[1]
+        merged: dict[str, Any] = {"server": {"public_url": f"http://127.0.0.1:{port}"}}
+        if emulator is not None:
+            merged.update(emulator_config(emulator, str(tmp_path / "service-account.json")))
+        for section, values in (overrides or {}).items():
+            merged.setdefault(section, {}).update(values)
+        loaded = load_config(str(write_config(tmp_path, merged)), environ={})
         service = Service(loaded, clock=clock)
-        await service.start(bind_sockets(0, "127.0.0.1"))
+        await service.start(sockets)
         started.append(service)
         return service
 
