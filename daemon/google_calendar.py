@@ -1,0 +1,291 @@
+"""Google Calendar gateway: events.watch, channels.stop and events.list off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import http.client
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import google.auth.exceptions
+import google_auth_httplib2
+import httplib2
+from google.oauth2 import service_account
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+
+SCOPE = "https://www.googleapis.com/auth/calendar.readonly"
+# 403s that Google documents as "slow down and retry", unlike 403 forbidden.
+_TRANSIENT_403 = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
+
+T = TypeVar("T")
+
+
+class GoogleError(Exception):
+    """A Google call failed. `status` is the HTTP status, 0 when Google never answered."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else f"{reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class TransientGoogleError(GoogleError):
+    """Worth retrying with backoff: 429, 5xx, rate limits, timeouts, connection errors."""
+
+
+class GoogleTimeout(TransientGoogleError):
+    """No answer within request_timeout, queueing included.
+
+    The call may still be running in its thread: `late` resolves with its
+    result (or its error) when it ends, so that a watch that answers after
+    its caller gave up can still be recorded. `late` is None when the call
+    timed out in its own socket and nothing is left running.
+    """
+
+    def __init__(self, message: str, late: asyncio.Future[Any] | None = None) -> None:
+        super().__init__(0, "timeout", message)
+        self.late = late
+
+
+class PermanentGoogleError(GoogleError):
+    """Google refused for good (403 forbidden, 404 notFound, other 4xx): do not retry."""
+
+
+class SyncTokenExpired(GoogleError):
+    """410: the sync token is no longer valid; a full sync is required."""
+
+
+@dataclass(frozen=True)
+class WatchResult:
+    resource_id: str
+    expiration: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class EventList:
+    items: list[dict[str, Any]]
+    next_sync_token: str
+
+
+def error_from_http(exc: HttpError) -> GoogleError:
+    """Type an HttpError by its status and the reason in Google's JSON error body."""
+    status = int(exc.resp.status)
+    reason, message = "", str(getattr(exc, "reason", "") or "")
+    try:
+        error = json.loads(exc.content.decode("utf-8"))["error"]
+        message = str(error.get("message") or message)
+        details = error.get("errors") or []
+        if details:
+            reason = str(details[0].get("reason") or "")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        pass  # not Google's JSON (a proxy's HTML page): the status decides alone
+    reason = reason or f"http{status}"
+    if status == 410:
+        return SyncTokenExpired(status, reason, message)
+    if status == 429 or status >= 500 or (status == 403 and reason in _TRANSIENT_403):
+        return TransientGoogleError(status, reason, message)
+    return PermanentGoogleError(status, reason, message)
+
+
+def _error_from_refresh(exc: google.auth.exceptions.RefreshError) -> GoogleError:
+    data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
+    reason = str(data.get("error") or "token_refresh_failed")
+    message = str(data.get("error_description") or (exc.args[0] if exc.args else exc))
+    if getattr(exc, "retryable", False):
+        return TransientGoogleError(0, reason, message)
+    # invalid_grant and friends: a wrong, deleted or undelegated key; an operator must act.
+    return PermanentGoogleError(0, reason, message)
+
+
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    # A late outcome nobody awaits must not log "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()
+
+
+class GoogleCalendar:
+    """The Calendar API through google-api-python-client, in a bounded thread pool.
+
+    One httplib2.Http and one service object per thread (neither is
+    thread-safe); one shared credentials object, refreshed under a lock so
+    that concurrent first calls fetch one token, not one each.
+    """
+
+    def __init__(
+        self,
+        service_account_file: str,
+        subject: str | None,
+        calendar_endpoint: str,
+        request_timeout: float,
+        max_concurrency: int,
+        *,
+        page_size: int = 250,
+    ) -> None:
+        credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+            service_account_file, scopes=[SCOPE]
+        )
+        if subject:
+            credentials = credentials.with_subject(subject)
+        self._credentials = credentials
+        self._endpoint = calendar_endpoint
+        self.request_timeout = request_timeout
+        self.page_size = page_size
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_concurrency, thread_name_prefix="google-calendar"
+        )
+        self._local = threading.local()
+        self._refresh_lock = threading.Lock()
+
+    # -- in the worker thread ------------------------------------------------
+
+    def _service(self) -> Any:
+        local = self._local
+        if getattr(local, "service", None) is None:
+            local.http = httplib2.Http(timeout=self.request_timeout)
+            authorized = google_auth_httplib2.AuthorizedHttp(self._credentials, http=local.http)
+            local.service = build(
+                "calendar",
+                "v3",
+                credentials=None,
+                http=authorized,
+                static_discovery=True,
+                cache_discovery=False,
+                client_options={"api_endpoint": self._endpoint},
+            )
+        return local.service
+
+    def _ensure_token(self) -> None:
+        with self._refresh_lock:
+            if not self._credentials.valid:
+                self._credentials.refresh(google_auth_httplib2.Request(self._local.http))
+
+    def _in_thread(self, call: Callable[[Any], T]) -> T:
+        try:
+            service = self._service()
+            self._ensure_token()
+            return call(service)
+        except HttpError as exc:
+            raise error_from_http(exc) from exc
+        except google.auth.exceptions.RefreshError as exc:
+            raise _error_from_refresh(exc) from exc
+        except TimeoutError as exc:  # socket.timeout included
+            raise GoogleTimeout(f"no answer within {self.request_timeout}s") from exc
+        except (
+            google.auth.exceptions.TransportError,
+            httplib2.HttpLib2Error,
+            http.client.HTTPException,
+            OSError,
+        ) as exc:
+            raise TransientGoogleError(
+                0, "connectionError", str(exc) or type(exc).__name__
+            ) from exc
+
+    # -- on the event loop -----------------------------------------------------
+
+    async def _run(self, call: Callable[[Any], T]) -> T:
+        """Run `call(service)` in the pool; give up after request_timeout, queueing included."""
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(self._in_thread, call)
+        outcome: asyncio.Future[T] = asyncio.wrap_future(job, loop=loop)
+        try:
+            return await asyncio.wait_for(asyncio.shield(outcome), self.request_timeout)
+        except TimeoutError:
+            late: asyncio.Future[Any]
+            if job.cancel():  # still queued: it will never run
+                late = loop.create_future()
+                late.set_exception(GoogleTimeout("gave up before the call started"))
+            else:
+                late = outcome
+            late.add_done_callback(_mark_retrieved)
+            raise GoogleTimeout(
+                f"no answer within {self.request_timeout}s (queueing included)", late=late
+            ) from None
+        except asyncio.CancelledError:
+            job.cancel()
+            outcome.add_done_callback(_mark_retrieved)
+            raise
+
+    async def watch(
+        self, calendar_id: str, channel_id: str, token: str | None, address: str, ttl: float
+    ) -> WatchResult:
+        body: dict[str, Any] = {
+            "id": channel_id,
+            "type": "web_hook",
+            "address": address,
+            "params": {"ttl": str(int(ttl))},
+        }
+        if token is not None:
+            body["token"] = token
+
+        def call(service: Any) -> WatchResult:
+            answer = (
+                service.events().watch(calendarId=calendar_id, body=body).execute(num_retries=0)
+            )
+            try:
+                return WatchResult(
+                    resource_id=str(answer["resourceId"]),
+                    expiration=int(answer["expiration"]) / 1000.0,
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TransientGoogleError(200, "badResponse", f"watch answer: {exc!r}") from exc
+
+        return await self._run(call)
+
+    async def stop(self, channel_id: str, resource_id: str) -> None:
+        body = {"id": channel_id, "resourceId": resource_id}
+
+        def call(service: Any) -> None:
+            service.channels().stop(body=body).execute(num_retries=0)
+
+        await self._run(call)
+
+    async def list_events(self, calendar_id: str, sync_token: str | None) -> EventList:
+        """Every page of a full list (sync_token None) or of an incremental sync.
+
+        Full and incremental lists use the same parameters, as Google asks;
+        showDeleted is left at its default: a full list skips cancelled events,
+        an incremental one always carries them.
+        """
+        params: dict[str, Any] = {
+            "calendarId": calendar_id,
+            "singleEvents": True,
+            "maxResults": self.page_size,
+        }
+        if sync_token is not None:
+            params["syncToken"] = sync_token
+        items: list[dict[str, Any]] = []
+        page_token: str | None = None
+        while True:
+            page_params = dict(params, pageToken=page_token) if page_token else params
+            page: dict[str, Any] = await self._run(functools.partial(_list_page, page_params))
+            items.extend(page.get("items") or [])
+            page_token = page.get("nextPageToken")
+            if page_token:
+                continue
+            next_sync = page.get("nextSyncToken")
+            if not next_sync:
+                raise TransientGoogleError(200, "badResponse", "last page without nextSyncToken")
+            return EventList(items=items, next_sync_token=str(next_sync))
+
+    async def check(self) -> None:
+        """Obtain (or refresh) an access token; raises a GoogleError saying why not."""
+
+        def call(service: Any) -> None:
+            return None  # _in_thread has made sure of a valid token
+
+        await self._run(call)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _list_page(params: dict[str, Any], service: Any) -> dict[str, Any]:
+    page: dict[str, Any] = service.events().list(**params).execute(num_retries=0)
+    return page
