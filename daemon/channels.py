@@ -61,11 +61,17 @@ class ChannelManager:
         self.config = config
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stops_kick = asyncio.Event()
+        self._last_created = 0.0
 
     @property
     def address(self) -> str:
         return self.config.server.public_url + self.config.google.webhook_path
+
+    def _creation_time(self) -> float:
+        """Now, but strictly after the previous channel's creation: `created_at` orders a
+        calendar's channels, and a clock that stands still (tests) must not tie them."""
+        self._last_created = max(self.clock.now(), self._last_created + 1e-6)
+        return self._last_created
 
     def _lock(self, calendar_id: str) -> asyncio.Lock:
         return self._locks.setdefault(calendar_id, asyncio.Lock())
@@ -112,7 +118,7 @@ class ChannelManager:
         async with self._lock(calendar_id):
             if await self.store.get_room(calendar_id) is None:
                 return None  # deleted meanwhile
-            now = self.clock.now()
+            now = self._creation_time()
             channel = Channel(
                 id=str(uuid.uuid4()),
                 calendar_id=calendar_id,
@@ -299,26 +305,27 @@ class ChannelManager:
         return summary
 
     async def _renew(self, calendar_id: str, summary: RenewSummary) -> None:
-        previous = [
-            c
-            for c in await self.store.list_channels(calendar_id)
-            if c.state in ("active", "pending", "failed")
-        ]
+        """The old active channel retires first (it keeps listening until its successor's
+        `sync` arrives), so that the successor is the only live one; if the successor fails
+        for good, the old channel is active again."""
+        retiring = []
+        for old in await self.store.list_channels(calendar_id):
+            if old.state == "active":
+                await self.store.update_channel(old.id, self.clock.now(), state="retiring")
+                retiring.append(old)
+            elif old.state in ("pending", "failed"):
+                # Never watched successfully: nothing overlaps, so no need to keep it.
+                await self.discard(old)
         successor = await self.create_channel(calendar_id)
         if successor is None or successor.state == "failed":
             reason = successor.last_error if successor else "room not found"
             summary.failed.append({"calendar_id": calendar_id, "reason": reason or "failed"})
+            for old in retiring:
+                await self.store.update_channel(old.id, self.clock.now(), state="active")
             return
         summary.renewed += 1
-        now = self.clock.now()
-        for old in previous:
-            if old.state == "active":
-                await self.store.update_channel(old.id, now, state="retiring")
-                if successor.confirmed:
-                    await self.queue_stop(old.id, old.resource_id, calendar_id)
-            else:
-                # Never watched successfully: nothing overlaps, so no need to keep it.
-                await self.discard(old)
+        if successor.confirmed:  # its sync came before the old ones were marked
+            await self.confirmed(successor)
 
     async def _forget_expired_retiring(self) -> None:
         now = self.clock.now()
