@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from tornado import web
@@ -60,6 +60,7 @@ class Service:
             "google": self._google_ready,
         }
         self.periodic: dict[str, PeriodicCallback] = {}
+        self._periodic_work: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._add_periodic(
             "renew", self.channels.renew_due, self.config.google.renew_check_interval
         )
@@ -116,6 +117,12 @@ class Service:
                 running.discard(name)
 
         self.periodic[name] = PeriodicCallback(run, interval * 1000, jitter=0.1)
+        self._periodic_work[name] = run
+
+    def run_periodic_now(self, name: str) -> None:
+        """Start one periodic task's work now (unless it is running already)."""
+        if name in self._periodic_work and not self.stopping:
+            self.channels.spawn(self._periodic_work[name]())
 
     async def _channel_upkeep(self) -> None:
         await self.channels.retry_pending()

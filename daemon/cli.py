@@ -78,13 +78,14 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
     emulator = None
     if with_emulator:
         from daemon.emulator import run as emulator_run
+        from daemon.emulator.app import OffsetClock
 
         emulator = emulator_run.start_emulator()
         demo = emulator_run.prepare_demo(emulator, Path(loaded.config.server.state_dir))
         loaded = emulator_run.with_emulator(loaded, emulator, demo)
         log.warning("emulator_mode", extra={"emulator": emulator.base_url})
     try:
-        service = Service(loaded)
+        service = Service(loaded, clock=emulator.clock if emulator else None)
     except ConfigError as error:
         print(f"mrm-push: config: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -95,6 +96,8 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
         await service.store.close()
         return EXIT_CONFIG
     if emulator is not None:
+        if isinstance(emulator.clock, OffsetClock):
+            emulator.clock.listeners.append(lambda: service.run_periodic_now("renew"))
         print(emulator_run.demo_instructions(service.base_url, emulator, demo), flush=True)
     notifier.notify("READY=1")
     watchdog = _start_watchdog(notifier)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import tornado.httpserver
@@ -29,6 +29,9 @@ class OffsetClock:
     def __init__(self, base: Clock) -> None:
         self.base = base
         self.offset = 0.0
+        # Called after each move: `serve --emulator` runs its renewal check at once, so that
+        # moving the clock shows the renewal without waiting for the next periodic check.
+        self.listeners: list[Callable[[], None]] = []
 
     def now(self) -> float:
         return self.base.now() + self.offset
@@ -38,6 +41,8 @@ class OffsetClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
+        for listener in self.listeners:
+            listener()
 
 
 class ClockHandler(tornado.web.RequestHandler):
