@@ -174,7 +174,9 @@ class Channel:
     stopped: bool = False
     last_number: int = 0
     sync_started: bool = False
-    sync_done: asyncio.Event = field(default_factory=asyncio.Event)
+    sync_done: asyncio.Event = field(default_factory=asyncio.Event)  # first sync attempt made
+    # One message at a time per channel, in number order, retries included.
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -658,9 +660,11 @@ class GoogleCalendarEmulator:
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, channel: Channel, number: int, state: str) -> None:
-        if state != "sync":
-            # Google's sync message comes first; wait for its first attempt.
-            await channel.sync_done.wait()
+        # Tasks take the lock in creation order, so the sync (always made first) goes first.
+        async with channel.sending:
+            await self._attempts(channel, number, state)
+
+    async def _attempts(self, channel: Channel, number: int, state: str) -> None:
         headers = {
             "Content-Type": "application/json; utf-8",
             "User-Agent": "APIs-Google; (+https://developers.google.com/webmasters/APIs-Google.html)",
