@@ -9,12 +9,16 @@ from dataclasses import dataclass
 from tornado.httputil import HTTPHeaders
 
 from handlers.base import ApiError, BaseHandler
-from storage.base import DuplicateNotification, ResourceState, StoreError
+from storage.base import Channel, DuplicateNotification, ResourceState, StoreError
 
 log = logging.getLogger(__name__)
 
 HEADER_MAX = 1024
+# Both stores keep message numbers as signed 64-bit integers; a larger one could not be stored
+# and would fail as a 500, which Google sends again for ever.
+MESSAGE_NUMBER_MAX = 2**63 - 1
 RESOURCE_STATES: frozenset[str] = frozenset({"sync", "exists", "not_exists"})
+REJECTED_OUTCOMES = {400: "invalid", 403: "forbidden"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class GoogleHeaders:
     token: str | None
 
 
+def _invalid_number() -> ApiError:
+    return ApiError(400, "invalid_header", "X-Goog-Message-Number is not a positive integer")
+
+
 def parse_headers(headers: HTTPHeaders) -> GoogleHeaders:
     """The X-Goog-* headers (looked up case-insensitively), checked; ApiError 400 naming the
     first bad one."""
@@ -34,20 +42,25 @@ def parse_headers(headers: HTTPHeaders) -> GoogleHeaders:
             raise ApiError(400, "invalid_header", f"{name} is over {HEADER_MAX} bytes")
 
     def required(name: str) -> str:
-        value = headers.get(name, "").strip()
+        values = headers.get_list(name)
+        if len(values) > 1:
+            # Tornado would join them with commas into one value that looks almost right.
+            raise ApiError(400, "invalid_header", f"{name} is given more than once")
+        value = values[0].strip() if values else ""
         if not value:
             raise ApiError(400, "missing_header", f"{name} is required")
-        if not value.isprintable():
-            raise ApiError(400, "invalid_header", f"{name} holds control characters")
+        # Google's ids, numbers and states are printable ASCII; anything else is not Google.
+        if not (value.isascii() and value.isprintable()):
+            raise ApiError(400, "invalid_header", f"{name} holds characters Google never sends")
         return value
 
     channel_id = required("X-Goog-Channel-ID")
     number_text = required("X-Goog-Message-Number")
-    if not (number_text.isascii() and number_text.isdigit()) or len(number_text) > 19:
-        raise ApiError(400, "invalid_header", "X-Goog-Message-Number is not a positive integer")
+    if not number_text.isdigit() or len(number_text) > 19:
+        raise _invalid_number()
     number = int(number_text)
-    if number < 1:
-        raise ApiError(400, "invalid_header", "X-Goog-Message-Number is not a positive integer")
+    if not 1 <= number <= MESSAGE_NUMBER_MAX:
+        raise _invalid_number()
     resource_id = required("X-Goog-Resource-ID")
     state = required("X-Goog-Resource-State")
     if state not in RESOURCE_STATES:
@@ -64,10 +77,13 @@ class WebhookHandler(BaseHandler):
     auth = "webhook"
 
     async def post(self) -> None:
-        google = parse_headers(self.request.headers)
         service = self.service
         try:
+            google = parse_headers(self.request.headers)
             outcome = await self._handle(google)
+        except ApiError as error:
+            service.metrics.webhook.labels(REJECTED_OUTCOMES.get(error.status_code, "error")).inc()
+            raise
         except StoreError as error:
             # Google retries 5xx: answer it only when the notification could not be kept.
             log.error("webhook_store_failed", extra={"reason": str(error)})
@@ -107,6 +123,10 @@ class WebhookHandler(BaseHandler):
             return "sync"
         if google.message_number <= channel.last_message_number:
             return "duplicate"
+        return await self._store(channel, google)
+
+    async def _store(self, channel: Channel, google: GoogleHeaders) -> str:
+        service = self.service
         # Stored before the answer; the unique (channel, number) pair makes a retry from Google
         # a duplicate even when the process died before the number was advanced.
         try:
@@ -120,6 +140,19 @@ class WebhookHandler(BaseHandler):
             )
         except DuplicateNotification:
             return "duplicate"
-        await service.store.advance_message_number(channel.id, google.message_number)
-        service.notification_stored(notification)
+        # From here on the notification is durable, so the answer is 200 whatever happens:
+        # a 503 would only bring Google's retry, a duplicate, while this one waited unseen.
+        try:
+            await service.store.advance_message_number(channel.id, google.message_number)
+        except StoreError as error:
+            # Only a shortcut for duplicates; the unique pair still catches them.
+            log.warning(
+                "webhook_advance_failed", extra={"channel_id": channel.id, "reason": str(error)}
+            )
+        try:
+            service.notification_stored(notification)
+        except Exception:
+            # The stored notification is picked up again from the store (at the latest after a
+            # restart); Google must not be told to send it again.
+            log.exception("webhook_handoff_failed", extra={"notification_id": notification.id})
         return "stored"
