@@ -28,6 +28,8 @@ LIVE_STATES = ("pending", "active")
 NO_CREDENTIALS = PermanentGoogleError(0, "noCredentials", "google.service_account_file is not set")
 RETRY_BASE = 5.0  # seconds before the first background retry of a channel or a stop
 RETRY_CAP = 3600.0
+# Stops owed to Google at most; past it, webhook calls for unknown channels queue none (logged).
+MAX_STOP_QUEUE = 10_000
 
 
 def current_of(channels: list[Channel]) -> Channel | None:
@@ -62,6 +64,8 @@ class ChannelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_created = 0.0
+        self._stops_lock = asyncio.Lock()
+        self._stops_kicked = False
 
     @property
     def address(self) -> str:
@@ -348,8 +352,16 @@ class ChannelManager:
             channel_id, resource_id, calendar_id, self.clock.now()
         )
         if queued:
-            self.spawn(self.process_stops())
+            self.kick_stops()
         return queued
+
+    async def queue_unknown_stop(self, channel_id: str, resource_id: str) -> bool:
+        """A webhook call for a channel we do not know: stop it, unless the queue is full
+        (anyone can post made-up channel ids; the bound keeps them from filling the disk)."""
+        if len(await self.store.due_stops(float("inf"), limit=MAX_STOP_QUEUE)) >= MAX_STOP_QUEUE:
+            log.warning("stop_queue_full", extra={"channel_id": channel_id})
+            return False
+        return await self.queue_stop(channel_id, resource_id, None)
 
     async def forget_calendar(self, calendar_id: str) -> int:
         """The room went: every channel of its calendar is stopped through the stop queue."""
@@ -358,8 +370,19 @@ class ChannelManager:
             await self.discard(channel)
         return len(channels)
 
+    def kick_stops(self) -> None:
+        """Process the stop queue soon; at most one run waits behind the one under way."""
+        if not self._stops_kicked:
+            self._stops_kicked = True
+            self.spawn(self.process_stops())
+
     async def process_stops(self) -> int:
         """Send the due stops; a 404 counts as stopped; other failures are retried later."""
+        async with self._stops_lock:
+            self._stops_kicked = False
+            return await self._process_stops()
+
+    async def _process_stops(self) -> int:
         if self.google is None:
             return 0
         done = 0

@@ -13,12 +13,13 @@ class RouteWithoutAuth(Exception):
 
 
 def all_routes(webhook_path: str = "/notifications") -> list[tuple[str, type[BaseHandler]]]:
-    from handlers import health, legacy, refresh, rooms, webhook
+    from handlers import health, legacy, notifications, refresh, rooms, webhook
 
     return [
         *health.routes,
         *rooms.routes,
         *refresh.routes,
+        *notifications.routes,
         *legacy.routes,
         (re.escape(webhook_path), webhook.WebhookHandler),
     ]

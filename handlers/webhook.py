@@ -99,8 +99,8 @@ class WebhookHandler(BaseHandler):
         service = self.service
         channel = await service.store.get_channel(google.channel_id)
         if channel is None:
-            queued = await service.channels.queue_stop(
-                google.channel_id, google.resource_id, calendar_id=None
+            queued = await service.channels.queue_unknown_stop(
+                google.channel_id, google.resource_id
             )
             log.info(
                 "webhook_unknown_channel",

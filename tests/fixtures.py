@@ -14,9 +14,9 @@ from tornado.netutil import bind_sockets
 
 from daemon.app import Service
 from daemon.clock import Clock, ManualClock
+from daemon.configfile import load_config
 from daemon.emulator.app import Emulator
 from daemon.emulator.fcm import FcmEmulator
-from daemon.configfile import load_config
 
 API_KEY = "test-api-key-0123456789abcdef"
 
