@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +17,18 @@ from storage.base import Store
 
 log = logging.getLogger(__name__)
 
+# The same limits the management API puts on calendar ids and tokens (handlers/rooms.py), so
+# that refresh never stores what a PUT would refuse.
 CALENDAR_ID_MAX = 1024
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_\-:.]{1,4096}")
 
 
 class BackendError(Exception):
-    """The backend could not be asked (not configured, unreachable, HTTP error, bad answer)."""
+    """The backend could not be asked (unreachable, HTTP error, bad answer)."""
+
+
+class BackendNotConfigured(BackendError):
+    """backend.url is not set: there is nobody to ask."""
 
 
 @dataclass
@@ -66,6 +75,25 @@ def find_rooms(data: Any) -> list[dict[str, Any]] | None:
     return None
 
 
+def valid_calendar_id(calendar_id: str) -> bool:
+    return 0 < len(calendar_id) <= CALENDAR_ID_MAX and not any(
+        ord(c) < 0x20 or ord(c) == 0x7F for c in calendar_id
+    )
+
+
+def graphql_errors(answer: dict[str, Any]) -> list[str]:
+    """The messages of a GraphQL `errors` entry, whatever shape the backend gave it."""
+    errors = answer.get("errors")
+    if not errors:
+        return []
+    if not isinstance(errors, list):
+        return [str(errors)]
+    return [
+        str((problem.get("message") if isinstance(problem, dict) else None) or problem)
+        for problem in errors
+    ]
+
+
 class Refresher:
     """Asks the backend for its rooms; adds rooms and tokens, prunes only when it is safe."""
 
@@ -74,11 +102,14 @@ class Refresher:
         self.rooms = rooms
         self.config = config
         self.token = token
+        # One refresh at a time: a periodic one and a requested one must not both create
+        # the same room's channel.
+        self._lock = asyncio.Lock()
 
     async def fetch(self) -> BackendRooms:
         backend = self.config.backend
         if not backend.url:
-            raise BackendError("backend.url is not set")
+            raise BackendNotConfigured("backend.url is not set")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -93,6 +124,8 @@ class Refresher:
         try:
             response = await AsyncHTTPClient().fetch(request)
         except HTTPClientError as error:
+            if error.code == 599:  # Tornado's code for "no HTTP answer" (timeout, reset)
+                raise BackendError(f"the backend did not answer: {error.message}") from None
             raise BackendError(f"the backend answered HTTP {error.code}") from None
         except OSError as error:
             raise BackendError(f"the backend cannot be reached: {error}") from None
@@ -100,13 +133,14 @@ class Refresher:
             answer = json.loads(response.body)
         except ValueError:
             raise BackendError("the backend's answer is not JSON") from None
-        if not isinstance(answer, dict):
+        if not isinstance(answer, dict) or not ("data" in answer or "errors" in answer):
             raise BackendError("the backend's answer is not a GraphQL response")
-        result = BackendRooms()
-        for problem in answer.get("errors") or []:
-            message = problem.get("message") if isinstance(problem, dict) else None
-            result.errors.append(str(message or problem))
-        for item in find_rooms(answer.get("data")) or []:
+        result = BackendRooms(errors=graphql_errors(answer))
+        listed = find_rooms(answer.get("data"))
+        if result.errors and not listed:
+            # Errors and no rooms: the query failed; saying "0 rooms" would hide it.
+            raise BackendError(f"the backend answered GraphQL errors: {'; '.join(result.errors)}")
+        for item in listed or []:
             calendar_id = item.get("calendarId")
             if calendar_id is None:
                 result.null_ids += 1
@@ -119,9 +153,17 @@ class Refresher:
 
     async def refresh(self, *, dry_run: bool = False, allow_prune: bool = False) -> RefreshSummary:
         """Reconcile with the backend; raises BackendError when it could not be asked."""
+        async with self._lock:
+            return await self._refresh(dry_run, allow_prune)
+
+    async def _refresh(self, dry_run: bool, allow_prune: bool) -> RefreshSummary:
         backend = await self.fetch()
         summary = RefreshSummary()
         summary.failed += [{"calendar_id": None, "reason": "calendarId is null"}] * backend.null_ids
+        summary.failed += [
+            {"calendar_id": None, "reason": f"backend GraphQL error: {message}"}
+            for message in backend.errors
+        ]
         for calendar_id, tokens in backend.rooms.items():
             await self._reconcile_room(calendar_id, tokens, summary, dry_run)
         prune = allow_prune or self.config.backend.prune
@@ -129,34 +171,40 @@ class Refresher:
         gone = [calendar_id for calendar_id in ours if calendar_id not in backend.rooms]
         if prune and gone:
             if backend.errors:
-                log.warning("refresh_prune_refused", extra={"reason": "GraphQL errors"})
-            elif not backend.rooms:
-                log.warning("refresh_prune_refused", extra={"reason": "the backend listed none"})
+                refused = "the backend answered GraphQL errors"
+            elif not any(valid_calendar_id(c) for c in backend.rooms):
+                refused = "the backend listed no rooms"
             else:
+                refused = None
                 for calendar_id in gone:
                     if dry_run or await self.rooms.delete(calendar_id):
                         summary.removed += 1
+            if refused is not None:
+                log.warning("refresh_prune_refused", extra={"reason": refused, "rooms": len(gone)})
         log.info("refresh_done", extra={"dry_run": dry_run, **summary.as_json()})
         return summary
 
     async def _reconcile_room(
         self, calendar_id: str, tokens: list[str], summary: RefreshSummary, dry_run: bool
     ) -> None:
-        if not calendar_id or len(calendar_id) > CALENDAR_ID_MAX or not calendar_id.isprintable():
+        if not valid_calendar_id(calendar_id):
             summary.failed.append({"calendar_id": calendar_id, "reason": "invalid calendarId"})
             return
+        valid = [t for t in tokens if TOKEN_PATTERN.fullmatch(t)]
+        if len(valid) < len(tokens):
+            reason = f"{len(tokens) - len(valid)} invalid firebaseToken(s) left out"
+            summary.failed.append({"calendar_id": calendar_id, "reason": reason})
         room = await self.store.get_room(calendar_id)
+        now = self.rooms.clock.now()
         if room is None:
             summary.added += 1
             if not dry_run:
-                now = self.rooms.clock.now()
                 await self.store.put_room(calendar_id, None, None, now)
-                await self.store.add_tokens(calendar_id, tokens, now, respect_tombstones=True)
+                await self.store.add_tokens(calendar_id, valid, now, respect_tombstones=True)
                 await self._channel(calendar_id, summary)
             return
-        now = self.rooms.clock.now()
         tombstoned = await self.store.tombstoned_tokens(calendar_id, now)
-        new = [t for t in tokens if t not in room.firebase_tokens and t not in tombstoned]
+        new = [t for t in valid if t not in room.firebase_tokens and t not in tombstoned]
         if new:
             summary.updated += 1
         else:
@@ -168,14 +216,18 @@ class Refresher:
         await self._channel(calendar_id, summary)
 
     async def _channel(self, calendar_id: str, summary: RefreshSummary) -> None:
-        """Refresh is one of the two ways a failed channel is tried again (renew is the other)."""
+        """Make sure the room has a current channel. Refresh is one of the two ways a failed
+        channel is tried again (renew is the other)."""
         channels = self.rooms.channels
         current = await channels.current_channel(calendar_id)
+        if current is not None and current.state == "failed":
+            # No live channel is left: forget the failed ones (nothing runs at Google for
+            # them) so that a calendar failing at every refresh does not pile them up.
+            for failed in await self.store.list_channels(calendar_id, states=("failed",)):
+                await channels.discard(failed)
+            current = None
         if current is None:
             current = await channels.ensure_channel(calendar_id)
-        elif current.state == "failed":
-            await channels.renew_now(calendar_id)
-            current = await channels.current_channel(calendar_id)
         if current is not None and current.state == "failed":
             reason = f"channel failed: {current.last_error}"
             summary.failed.append({"calendar_id": calendar_id, "reason": reason})

@@ -37,29 +37,43 @@ class LegacyBase(RoomsBase):
             for cidr in self.service.config.auth.legacy_allow_from
         )
 
-    def param(self, name: str, required: bool = True) -> str | None:
-        """From the query string or a JSON body, as the old service took them."""
-        value: Any = self.get_query_argument(name, None)
+    def param(self, name: str) -> Any:
+        """From the query string or a JSON body, as the old service took them (None: absent)."""
+        # Raw, not get_query_argument(): that turns control characters into spaces and strips,
+        # so a bad calendar id would be stored under another name instead of refused.
+        raw = self.request.query_arguments.get(name)
+        value: Any = self.decode_argument(raw[-1], name) if raw else None
         if value is None and self.body.strip():
             value = self.json_body().get(name)
-        if value is None or value == "":
-            if required:
-                raise ApiError(400, f"missing_{name}", f"{name} is required")
-            return None
+        return None if value == "" else value
+
+    def calendar_id_param(self) -> str:
+        value = self.param("calendar_id")
+        if value is None:
+            raise ApiError(400, "invalid_calendar_id", "calendar_id is required")
         if not isinstance(value, str):
-            raise ApiError(400, f"invalid_{name}", f"{name} must be a string")
-        return value
+            raise ApiError(400, "invalid_calendar_id", "calendar_id must be a string")
+        return check_calendar_id(value)
+
+    def token_param(self) -> str | None:
+        value = self.param("firebase_token")
+        return None if value is None else check_token(value)
+
+    def flag_param(self, name: str) -> bool:
+        value = self.param(name)
+        return value is True or value == 1 or str(value).lower() in ("1", "true", "yes")
 
 
 class AddRoomHandler(LegacyBase):
     """GET/POST /add_room?calendar_id=&firebase_token="""
 
     async def get(self) -> None:
-        calendar_id = check_calendar_id(self.param("calendar_id") or "")
-        token = self.param("firebase_token", required=False)
+        # Both checked before anything is stored: a bad token must not leave a new room behind.
+        calendar_id = self.calendar_id_param()
+        token = self.token_param()
         room, _ = await self.service.rooms.put(calendar_id, None, None)
         if token is not None:
-            room = await self.service.rooms.add_token(calendar_id, check_token(token)) or room
+            room = await self.service.rooms.add_token(calendar_id, token) or room
         answer = await self.room_answer(room)
         self.write_json({"message": "Room added successfully.", "room": answer})
 
@@ -70,7 +84,7 @@ class DeleteRoomHandler(LegacyBase):
     """DELETE /delete_room?calendar_id="""
 
     async def delete(self) -> None:
-        calendar_id = check_calendar_id(self.param("calendar_id") or "")
+        calendar_id = self.calendar_id_param()
         if await self.service.rooms.delete(calendar_id):
             self.write_json({"message": "Room stopped from listening for notifications"})
         else:
@@ -81,8 +95,10 @@ class TokenHandler(LegacyBase):
     """GET/POST /token?calendar_id=&firebase_token= : the set becomes that one token."""
 
     async def get(self) -> None:
-        calendar_id = check_calendar_id(self.param("calendar_id") or "")
-        token = check_token(self.param("firebase_token"))
+        calendar_id = self.calendar_id_param()
+        token = self.token_param()
+        if token is None:
+            raise ApiError(400, "invalid_token", "firebase_token is required")
         await self.known_room(calendar_id)
         room, _ = await self.service.rooms.put(calendar_id, None, [token])
         self.write_json({"message": "OK", "room": await self.room_answer(room)})
@@ -91,10 +107,11 @@ class TokenHandler(LegacyBase):
 
 
 class LegacyRefreshHandler(LegacyBase, RefreshHandler):
-    """GET/POST /refresh (LegacyBase comes first: its auth decision and check apply)"""
+    """GET/POST /refresh (?dry_run=1, ?allow_prune=1, or in a JSON body; LegacyBase comes first:
+    its auth decision and check apply)"""
 
     async def get(self) -> None:
-        summary = await self.run_refresh()
+        summary = await self.run_refresh(self.flag_param("dry_run"), self.flag_param("allow_prune"))
         self.write_json({"message": "Calendars saved successfully", **summary})
 
     post = get

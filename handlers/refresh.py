@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.refresh import BackendError
+from daemon.refresh import BackendError, BackendNotConfigured
 from handlers.base import ApiError, BaseHandler
 
 
@@ -14,13 +14,16 @@ class RefreshHandler(BaseHandler):
     auth = "api_key"
 
     async def post(self) -> None:
-        self.write_json(await self.run_refresh())
+        summary = await self.run_refresh(self.flag_arg("dry_run"), self.flag_arg("allow_prune"))
+        self.write_json(summary)
 
-    async def run_refresh(self) -> dict[str, Any]:
+    async def run_refresh(self, dry_run: bool, allow_prune: bool) -> dict[str, Any]:
         try:
-            summary = await self.service.refresher.refresh(
-                dry_run=self.flag_arg("dry_run"), allow_prune=self.flag_arg("allow_prune")
-            )
+            summary = await self.service.refresher.refresh(dry_run=dry_run, allow_prune=allow_prune)
+        except BackendNotConfigured as error:
+            # Not the backend's fault (502 would say so) but this service's set-up: it cannot
+            # refresh until backend.url is set.
+            raise ApiError(503, "backend_not_configured", str(error)) from None
         except BackendError as error:
             raise ApiError(502, "backend_error", str(error)) from None
         return summary.as_json()
