@@ -1,0 +1,369 @@
+"""MongoStore's own behaviour: driver choice, unready while MongoDB is down, indexes made on the
+first success, and publication without transactions. The shared contract suite covers the rest.
+
+No MongoDB server runs here: mongomock-motor stands in, wrapped where a test needs the server
+to be down or to fail at one chosen call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import random
+import socket
+import time
+from typing import Any
+
+import motor.motor_asyncio
+import pymongo
+import pytest
+from mongomock_motor import AsyncMongoMockClient
+from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+
+from storage import make_store
+from storage.base import (
+    DuplicateNotification,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailable,
+    Target,
+)
+from storage.mongo import MongoStore
+from storage.mongo_driver import database_name
+
+REAL_MONGODB = os.environ.get("MRM_PUSH_TEST_MONGODB_URI")
+
+
+class Faults:
+    """What the wrapped client does wrong: everything while `down`, or one named call once."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.once: dict[str, Exception] = {}
+        self.calls: list[str] = []
+        self.rng = random.Random(7)
+
+    def check(self, name: str) -> None:
+        self.calls.append(name)
+        if self.down:
+            raise ServerSelectionTimeoutError(
+                "127.0.0.1:27017: [Errno 111] Connection refused, Timeout: 0.2s, Topology ..."
+            )
+        if name in self.once:
+            raise self.once.pop(name)
+
+
+async def _yielding(result: Any, turns: int) -> Any:
+    # mongomock-motor never yields; a real server does, after varying delays: let other tasks
+    # run in between, a few turns of the loop (seeded, so a failure repeats).
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return await result
+
+
+class FlakyCollection:
+    def __init__(self, target: Any, name: str, faults: Faults) -> None:
+        self._target, self._name, self._faults = target, name, faults
+
+    def __getattr__(self, method: str) -> Any:
+        attr = getattr(self._target, method)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._faults.check(f"{self._name}.{method}")
+            result = attr(*args, **kwargs)
+            if inspect.isawaitable(result):
+                return _yielding(result, self._faults.rng.randint(1, 4))
+            return result
+
+        return call
+
+
+class FlakyDatabase:
+    def __init__(self, target: Any, faults: Faults) -> None:
+        self._target, self._faults = target, faults
+        self.name = target.name
+
+    def __getitem__(self, name: str) -> FlakyCollection:
+        return FlakyCollection(self._target[name], name, self._faults)
+
+    def __getattr__(self, name: str) -> FlakyCollection:
+        return self[name]
+
+    async def command(self, *args: Any, **kwargs: Any) -> Any:
+        self._faults.check("command")
+        return await self._target.command(*args, **kwargs)
+
+
+class FlakyClient:
+    """A thin wrapper of AsyncMongoMockClient standing in for a server that goes down."""
+
+    def __init__(self, faults: Faults) -> None:
+        self.mock = AsyncMongoMockClient()
+        self.faults = faults
+
+    def __getitem__(self, name: str) -> FlakyDatabase:
+        return FlakyDatabase(self.mock[name], self.faults)
+
+    def close(self) -> None:
+        self.mock.close()
+
+
+async def index_names(client: Any, database: str, collection: str) -> set[str]:
+    return set(await client[database][collection].index_information())
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- driver choice and configuration -----------------------------------------------------------
+@pytest.mark.gen_test(timeout=10)
+async def test_driver_choice_builds_the_named_client_without_connecting():
+    url = f"mongodb://127.0.0.1:{closed_port()}/site"
+    store = MongoStore(url, driver="pymongo")
+    assert isinstance(store.client, pymongo.AsyncMongoClient)
+    await store.close()
+    store = MongoStore(url)  # motor is the default
+    assert isinstance(store.client, motor.motor_asyncio.AsyncIOMotorClient)
+    await store.close()
+    assert isinstance(make_store(url, "pymongo"), MongoStore)
+
+
+def test_unknown_driver_and_bad_urls_are_config_errors():
+    with pytest.raises(StoreConfigError, match="mongo_driver"):
+        MongoStore("mongodb://127.0.0.1/x", driver="pymongo-sync")
+    # pymongo only warns about the last two and would go on without TLS.
+    bad = [
+        "mongodb://",
+        "http://h/x",
+        "mongodb://h:99999/x",
+        "mongodb://h/?tls=maybe",
+        "mongodb://h/?tsl=1",
+    ]
+    for driver in ("motor", "pymongo"):
+        for url in bad:
+            with pytest.raises(StoreConfigError, match=r"storage\.url"):
+                MongoStore(url, driver=driver)
+        # pymongo's notice about DocumentDB is no error.
+        with pytest.warns(UserWarning, match="DocumentDB"):
+            MongoStore("mongodb://x.docdb.amazonaws.com/site", driver=driver)
+
+
+def test_database_comes_from_the_url_else_mrm_push():
+    assert database_name("mongodb://u:p@h1:1,h2:2/site_db?replicaSet=rs") == "site_db"
+    assert database_name("mongodb+srv://cluster.example.com/x%2Dy") == "x-y"
+    assert database_name("mongodb://h/?w=1") is None
+    assert database_name("mongodb://h") is None
+    client = AsyncMongoMockClient()
+    assert MongoStore("mongodb://h/site", client=client)._db.name == "site"
+    assert MongoStore("mongodb://h", client=client)._db.name == "mrm_push"
+    assert MongoStore("mongodb://h/site", client=client, database="other")._db.name == "other"
+
+
+# -- indexes and invariants (mongomock-motor) --------------------------------------------------
+@pytest.mark.gen_test(timeout=10)
+async def test_indexes_exist_after_open():
+    client = AsyncMongoMockClient()
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    assert store.indexed
+    info = await client["site"]["notifications"].index_information()
+    assert info["channel_message_unique"]["unique"] is True
+    assert "partialFilterExpression" in info["channel_message_unique"]
+    assert info["seq_unique"]["unique"] is True
+    assert "state_due" in await index_names(client, "site", "deliveries")
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_duplicate_notification_raises_and_polls_never_collide():
+    store = MongoStore("mongodb://h/site", client=AsyncMongoMockClient())
+    await store.open()
+    first = await store.add_notification("c", "webhook", "exists", 1.0, "ch", 7)
+    with pytest.raises(DuplicateNotification):
+        await store.add_notification("c", "webhook", "exists", 2.0, "ch", 7)
+    other = await store.add_notification("c", "webhook", "exists", 2.0, "ch2", 7)
+    polls = [await store.add_notification("c", "poll", "exists", 3.0) for _ in range(2)]
+    assert [n.id for n in (first, other, *polls)] == [1, 2, 3, 4]
+    assert polls[0].channel_id is None and polls[0].message_number is None
+
+
+# -- down at start, recovering later -----------------------------------------------------------
+@pytest.mark.parametrize("driver", ["motor", "pymongo"])
+@pytest.mark.gen_test(timeout=20)
+async def test_open_succeeds_and_ping_fails_fast_while_the_server_is_down(driver):
+    url = f"mongodb://127.0.0.1:{closed_port()}/x?serverSelectionTimeoutMS=200"
+    store = MongoStore(url, driver=driver)
+    await store.open()
+    assert not store.indexed
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="unreachable") as caught:
+        await store.ping()
+    assert time.monotonic() - started < 5
+    assert "127.0.0.1" in str(caught.value)
+    assert "Topology" not in str(caught.value)  # the reason is one short line
+    with pytest.raises(StoreUnavailable):
+        await store.get_room("c")
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_indexes_are_made_on_the_first_successful_ping():
+    faults = Faults()
+    faults.down = True
+    client = FlakyClient(faults)
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    assert not store.indexed
+    with pytest.raises(StoreUnavailable, match="Connection refused"):
+        await store.ping()
+    assert not store.indexed
+    assert await index_names(client.mock, "site", "notifications") == set()
+
+    faults.down = False
+    await store.ping()
+    assert store.indexed
+    assert "channel_message_unique" in await index_names(client.mock, "site", "notifications")
+    made = faults.calls.count("notifications.create_index")
+    await store.ping()
+    assert faults.calls.count("notifications.create_index") == made  # made once only
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_indexes_are_made_by_the_first_successful_operation_too():
+    faults = Faults()
+    faults.down = True
+    client = FlakyClient(faults)
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    with pytest.raises(StoreUnavailable):
+        await store.add_notification("c", "webhook", "exists", 1.0, "ch", 1)
+    faults.down = False
+    await store.add_notification("c", "webhook", "exists", 1.0, "ch", 1)
+    assert store.indexed
+    with pytest.raises(DuplicateNotification):
+        await store.add_notification("c", "webhook", "exists", 1.0, "ch", 1)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_other_driver_errors_are_store_errors_not_unavailable():
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    faults.once["rooms.find_one"] = OperationFailure("not authorized on site", code=13)
+    with pytest.raises(StoreError, match="not authorized") as caught:
+        await store.get_room("c")
+    assert not isinstance(caught.value, StoreUnavailable)
+
+
+# -- publication in several writes ---------------------------------------------------------------
+async def received(store: MongoStore, n: int = 1) -> list[int]:
+    return [(await store.add_notification("c", "poll", "exists", 1.0)).id for _ in range(n)]
+
+
+TARGETS = [Target("fcm", "tok-a"), Target("backend")]
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_publication_cut_before_the_seq_is_visible_leaves_nothing_to_send():
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    (nid,) = await received(store)
+    faults.once["notifications.find_one_and_update"] = ServerSelectionTimeoutError("down")
+    with pytest.raises(StoreUnavailable):
+        await store.publish_notification(nid, [{"event_id": "e"}], False, TARGETS, 5.0)
+    half = await store.get_notification(nid)
+    assert half is not None and half.state == "received" and half.deliveries == ()
+    assert await store.claim_deliveries(10.0, 40.0) == []
+    assert await store.next_delivery_due() is None
+    assert await store.last_seq() == 0
+
+    again = await store.publish_notification(nid, [{"event_id": "e"}], False, TARGETS, 6.0)
+    assert again.state == "published" and again.seq == 2  # seq 1 is a gap never seen
+    assert [d.target for d in again.deliveries] == TARGETS
+    assert await store.count_deliveries() == 2  # the half-made ones are gone
+    claimed = await store.claim_deliveries(10.0, 40.0)
+    assert sorted(d.id for d in claimed) == sorted(d.id for d in again.deliveries)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_publication_cut_after_the_seq_is_visible_is_finished_by_release_claims():
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    (nid,) = await received(store)
+    faults.once["deliveries.update_many"] = ServerSelectionTimeoutError("down")
+    with pytest.raises(StoreUnavailable):
+        await store.publish_notification(nid, [], True, TARGETS, 5.0)
+    shown = await store.get_notification(nid)
+    assert shown is not None and shown.seq == 1 and len(shown.deliveries) == 2
+    assert await store.claim_deliveries(10.0, 40.0) == []  # still held
+
+    assert await store.publish_notification(nid, [], True, TARGETS, 6.0) == shown
+    assert await store.release_claims() == 0  # nothing was in flight; the hold is lifted
+    assert await store.next_delivery_due() == 5.0
+    assert len(await store.claim_deliveries(10.0, 40.0)) == 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_concurrent_publications_become_visible_in_seq_order():
+    # Every call yields to the loop, as with a real server: publishers and a reader interleave.
+    store = MongoStore("mongodb://h/site", client=FlakyClient(Faults()))
+    await store.open()
+    ids = await received(store, 12)
+    snapshots: list[list[int]] = []
+    done = asyncio.Event()
+
+    async def reader() -> None:
+        while not done.is_set():
+            await asyncio.sleep(0)  # find() cursors of mongomock-motor never yield
+            page = await store.list_notifications(after=0, limit=500)
+            snapshots.append([n.seq or 0 for n in page])
+            assert all(n.deliveries for n in page)  # never published without deliveries
+
+    async def publish(nid: int) -> None:
+        await store.publish_notification(nid, [{"event_id": str(nid)}], False, TARGETS, 5.0)
+
+    reading = asyncio.ensure_future(reader())
+    await asyncio.gather(*(publish(nid) for nid in ids))
+    done.set()
+    await reading
+    assert len(snapshots) > 1
+    for seqs in snapshots:
+        assert seqs == list(range(1, len(seqs) + 1))  # a prefix: no seq visible before a lower one
+    assert await store.last_seq() == 12
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_concurrent_claimers_never_share_a_delivery_when_calls_interleave():
+    store = MongoStore("mongodb://h/site", client=FlakyClient(Faults()))
+    await store.open()
+    every: set[int] = set()
+    for nid in await received(store, 10):
+        published = await store.publish_notification(nid, [], True, TARGETS * 2, 5.0)
+        every.update(d.id for d in published.deliveries)
+    handed: list[int] = []
+
+    async def claimer() -> None:
+        while batch := await store.claim_deliveries(10.0, 70.0, limit=3):
+            handed.extend(d.id for d in batch)
+
+    await asyncio.gather(*(claimer() for _ in range(5)))
+    assert sorted(handed) == sorted(every)  # each one exactly once
+
+
+@pytest.mark.skipif(not REAL_MONGODB, reason="MRM_PUSH_TEST_MONGODB_URI is not set")
+@pytest.mark.parametrize("driver", ["motor", "pymongo"])
+@pytest.mark.gen_test(timeout=30)
+async def test_real_server_ping_and_indexes(driver):
+    assert REAL_MONGODB is not None
+    store = MongoStore(REAL_MONGODB, driver=driver, database=f"mrm_push_test_{driver}")
+    await store.open()
+    await store.ping()
+    assert store.indexed
+    await store.client.drop_database(f"mrm_push_test_{driver}")
+    await store.close()
