@@ -1,0 +1,250 @@
+"""What only the SQLite backend promises: a restart keeps everything, the file and its schema,
+and errors that say what went wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from storage import make_store
+from storage.base import StoreConfigError, StoreError, StoreUnavailable, Target
+from storage.sqlite import MIGRATIONS, SqliteStore
+from tests.storage.helpers import T0, make_channel, publish_new
+
+REPO = str(Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_restart_keeps_everything(tmp_path):
+    path = str(tmp_path / "mrm-push.sqlite3")
+    store = SqliteStore(path)
+    await store.open()
+    epoch = await store.store_epoch()
+    await store.put_room("cal-1", "Kampala", ["t1", "t2"], T0)
+    await store.tombstone_token("cal-1", "t2", T0 + 1000, T0)
+    await store.set_sync_token("cal-1", "sync-1")
+    channel = make_channel("ch-1", "cal-1", state="active", expiration=T0 + 3600)
+    await store.insert_channel(channel)
+    await store.advance_message_number("ch-1", 4)
+    await store.enqueue_stop("ch-old", "res-old", "cal-1", T0)
+    first = await publish_new(store, "cal-1", [Target("fcm", "t1"), Target("backend")], T0)
+    purged = await publish_new(store, "cal-1", [], T0)
+    waiting = await store.add_notification("cal-1", "webhook", "exists", T0 + 1, "ch-1", 5)
+    await store.finish_delivery(first.deliveries[1].id, "sent", T0 + 1)
+    assert await store.purge_notifications(T0 + 1, T0 + 1) == 1  # `purged` (seq 2) goes
+    (in_flight,) = await store.claim_deliveries(T0 + 2, T0 + 600)  # the crash comes now
+    await store.close()
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.store_epoch() == epoch
+        room = await store.get_room("cal-1")
+        assert (room.name, room.firebase_tokens) == ("Kampala", ("t1",))
+        assert await store.tombstoned_tokens("cal-1", T0 + 2) == {"t2"}
+        assert await store.get_sync_token("cal-1") == "sync-1"
+        assert (await store.get_channel("ch-1")).last_message_number == 4
+        assert [s.channel_id for s in await store.list_stops()] == ["ch-old"]
+        assert await store.get_notification(purged.id) is None
+        assert await store.purged_through_seq() == 2
+        assert await store.last_seq() == 2
+        assert [n.id for n in await store.received_notifications()] == [waiting.id]
+        stored_first = await store.get_notification(first.id)
+        assert stored_first.seq == 1
+        assert [d.state for d in stored_first.deliveries] == ["in_flight", "sent"]
+
+        # The worker's claim died with the process: released at start, then claimable.
+        assert await store.claim_deliveries(T0 + 3, T0 + 60) == []
+        assert await store.release_claims() == 1
+        (again,) = await store.claim_deliveries(T0 + 3, T0 + 60)
+        assert again.id == in_flight.id
+
+        # Counters go on: no id or seq is given twice.
+        published = await store.publish_notification(waiting.id, [], True, [], T0 + 4)
+        assert published.seq == 3
+        newer = await store.add_notification("cal-1", "poll", "exists", T0 + 5)
+        assert newer.id > waiting.id > purged.id
+        with pytest.raises(StoreError):  # DuplicateNotification survives the restart too
+            await store.add_notification("cal-1", "webhook", "exists", T0 + 6, "ch-1", 5)
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_open_creates_missing_directories_and_a_private_wal_file(tmp_path):
+    path = tmp_path / "var" / "lib" / "mrm-push.sqlite3"
+    store = SqliteStore(str(path))
+    await store.open()
+    await store.close()
+    assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds device tokens
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        epoch = raw.execute("SELECT value FROM meta WHERE key = 'store_epoch'").fetchone()[0]
+    assert len(epoch) == 32 and int(epoch, 16) >= 0
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_relative_path_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = make_store("sqlite:///data/mrm-push.sqlite3")
+    assert isinstance(store, SqliteStore)
+    await store.open()
+    await store.close()
+    assert (tmp_path / "data" / "mrm-push.sqlite3").exists()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_an_unusable_directory_is_a_one_line_config_error(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    path = str(blocker / "mrm-push.sqlite3")
+    with pytest.raises(StoreConfigError) as raised:
+        await SqliteStore(path).open()
+    message = str(raised.value)
+    assert path in message and "\n" not in message
+    assert message.endswith(f"directory {blocker}: File exists")  # the OS's reason
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_an_unopenable_file_is_a_one_line_config_error(tmp_path):
+    path = tmp_path / "a-directory"
+    path.mkdir()
+    with pytest.raises(StoreConfigError) as raised:
+        await SqliteStore(str(path)).open()
+    assert str(raised.value) == f"storage: cannot create or open {path}: Is a directory"
+
+
+PROBE = """
+import asyncio, sys
+try:
+    from storage.sqlite import SqliteStore
+    from storage.base import StoreConfigError
+except ImportError:
+    sys.exit(3)
+try:
+    asyncio.run(SqliteStore(sys.argv[1]).open())
+except StoreConfigError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_read_only_directory_is_a_config_error(existing):
+    """Run as an unprivileged user (root writes anywhere): with no file yet, and with a file
+    made before the directory turned read-only (SQLite then cannot make its WAL files)."""
+    command = [sys.executable, "-c", PROBE]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)
+        directory = os.path.join(top, "ro")
+        os.mkdir(directory, 0o755)
+        path = os.path.join(directory, "mrm-push.sqlite3")
+        if existing:
+            with sqlite3.connect(path) as raw:
+                raw.execute("CREATE TABLE t (x)")
+            os.chmod(path, 0o666)
+        os.chmod(directory, 0o555)
+        probe = subprocess.run(
+            [*command, path],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        os.chmod(directory, 0o755)
+    if probe.returncode == 3:
+        pytest.skip("the unprivileged user cannot read the checkout")
+    assert probe.returncode == 2, probe.stderr
+    (line,) = probe.stdout.splitlines()
+    assert line.startswith("storage: cannot ") and path in line
+    assert ("Permission denied" if not existing else "readonly") in line
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_newer_schema_is_refused(tmp_path):
+    path = str(tmp_path / "mrm-push.sqlite3")
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StoreConfigError, match="newer"):
+        await SqliteStore(path).open()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_locked_database_is_unavailable_not_broken(tmp_path):
+    path = str(tmp_path / "mrm-push.sqlite3")
+    store = SqliteStore(path, busy_timeout=0.05)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)  # another process holding the lock
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.put_room("cal-1", "R", [], T0)
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.add_notification("cal-1", "poll", "exists", T0)
+        assert await store.get_room("cal-1") is None  # WAL: reads go on
+        other.execute("ROLLBACK")
+        _, created = await store.put_room("cal-1", "R", [], T0)
+        assert created
+    finally:
+        other.close()
+        await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_closed_store_says_so(tmp_path):
+    store = SqliteStore(str(tmp_path / "mrm-push.sqlite3"))
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+    await store.open()
+    await store.ping()
+    await store.close()
+    await store.close()  # twice is harmless
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+    with pytest.raises(StoreError):
+        await store.get_room("cal-1")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_cancelled_call_leaves_all_or_nothing(tmp_path):
+    """A caller cancelled mid-transaction (a request timing out) must neither half-publish
+    nor leave the connection inside a transaction for the next caller."""
+    store = SqliteStore(str(tmp_path / "mrm-push.sqlite3"))
+    await store.open()
+    try:
+        targets = [Target("fcm", "t1"), Target("backend")]
+        for ticks in range(12):
+            n = await store.add_notification("cal-1", "poll", "exists", T0)
+            task = asyncio.ensure_future(store.publish_notification(n.id, [], True, targets, T0))
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            stored = await store.get_notification(n.id)
+            if stored.state == "published":
+                assert stored.seq is not None and len(stored.deliveries) == 2
+            else:
+                assert stored.state == "received" and stored.deliveries == ()
+            await store.put_room("cal-1", "R", [], T0)  # the connection still works
+        assert await store.count_deliveries() == 2 * await store.last_seq()
+    finally:
+        await store.close()
