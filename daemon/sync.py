@@ -1,0 +1,354 @@
+"""Incremental sync: stored notifications become published lists of changed events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from daemon.backoff import backoff_delay
+from daemon.clock import Clock
+from daemon.config import Config
+from daemon.google_calendar import (
+    EventList,
+    GoogleCalendar,
+    GoogleError,
+    PermanentGoogleError,
+    SyncTokenExpired,
+)
+from storage.base import Notification, Room, Store, StoreError, Target
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE = 5.0  # seconds before the first retry of a calendar whose sync failed
+RETRY_CAP = 600.0  # the poll (900 s by default) must not be the only thing that retries
+# received_notifications has no calendar filter; one read must cover every waiting calendar.
+BATCH_LIMIT = 10_000
+
+
+class RetryLater(Exception):
+    """The sync could not finish now (Google or the store failing): its notifications stay
+    `received` and the calendar is synced again after a backoff."""
+
+
+def event_change(event: dict[str, Any]) -> dict[str, Any]:
+    """One entry of a notification's `changes`; a cancelled event may carry only id and status,
+    the missing fields stay null."""
+    return {
+        "event_id": event.get("id"),
+        # Google documents `confirmed` as the default when the field is left out.
+        "status": event.get("status") or "confirmed",
+        "updated": event.get("updated"),
+        "start": event.get("start"),
+        "end": event.get("end"),
+        "summary": event.get("summary"),
+    }
+
+
+def changes_of(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One change per event, its last state, in the order events were last seen: an event that
+    changes while the pages are read may be listed twice."""
+    latest: dict[str, dict[str, Any]] = {}
+    for item in items:
+        change = event_change(item)
+        if not change["event_id"]:
+            continue
+        latest.pop(change["event_id"], None)
+        latest[change["event_id"]] = change
+    return list(latest.values())
+
+
+class Syncer:
+    """Per calendar, one sync at a time; bursts coalesced; publishes what changed.
+
+    A kick starts the calendar's worker, or only marks the calendar dirty while its worker is
+    busy: when the running sync ends, one more sync takes every notification received
+    meanwhile. Direct calls (`sync_calendar`, `poll_all`) share the same per-calendar lock.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        google: GoogleCalendar | None,
+        clock: Clock,
+        config: Config,
+        on_published: Callable[[Notification], None],
+    ) -> None:
+        self.store = store
+        self.google = google
+        self.clock = clock
+        self.config = config
+        self.on_published = on_published
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._dirty: set[str] = set()
+        self._parked: dict[str, float] = {}  # calendar -> when its backoff ends (clock time)
+        self._changed = asyncio.Event()  # a worker parked or ended: drain looks again
+        self._closed = False
+
+    # -- entry points ------------------------------------------------------------------------
+    def kick(self, calendar_id: str) -> None:
+        """A notification for this calendar was stored; returns at once."""
+        if self._closed:
+            return
+        if calendar_id in self._workers:
+            self._dirty.add(calendar_id)
+        else:
+            self._start_worker(calendar_id, attempt=0)
+
+    async def resume(self) -> None:
+        """At start: kick every calendar with `received` notifications (left by a crash)."""
+        waiting = await self.store.received_notifications(BATCH_LIMIT)
+        calendars = list(dict.fromkeys(n.calendar_id for n in waiting))
+        for calendar_id in calendars:
+            self.kick(calendar_id)
+        if waiting:
+            log.info(
+                "sync_resumed",
+                extra={"calendars": len(calendars), "notifications": len(waiting)},
+            )
+
+    async def sync_calendar(self, calendar_id: str) -> Notification | None:
+        """Sync now; returns the notification it published, if any. A failure that may pass
+        leaves the notifications `received` and schedules a retry with backoff."""
+        try:
+            return await self._locked_sync(calendar_id, poll=False)
+        except RetryLater:
+            self._retry_later(calendar_id)
+            return None
+
+    async def poll_all(self) -> int:
+        """The safety-net poll: an incremental sync of every room's calendar that is not
+        syncing already; returns how many notifications it published."""
+        if self.google is None:
+            log.warning("poll_unconfigured", extra={"reason": "no Google credentials"})
+            return 0
+        rooms = await self.store.list_rooms()
+        limit = asyncio.Semaphore(max(1, self.config.google.max_concurrency))
+        published = 0
+
+        async def poll(room: Room) -> None:
+            nonlocal published
+            async with limit:
+                lock = self._lock(room.calendar_id)
+                if self._closed or lock.locked():
+                    return  # the sync under way reads the same changes
+                try:
+                    async with lock:
+                        notification = await self._sync_once(room.calendar_id, poll=True)
+                except RetryLater as failure:
+                    if failure.args and failure.args[0]:  # webhook notifications wait too
+                        self._retry_later(room.calendar_id)
+                    return
+                if notification is not None:
+                    published += 1
+
+        await asyncio.gather(*(poll(room) for room in rooms))
+        log.info("poll_done", extra={"calendars": len(rooms), "published": published})
+        return published
+
+    async def drain(self, limit: float) -> None:
+        """Wait up to `limit` seconds until no sync runs or is queued. A calendar parked in
+        its backoff does not count until its backoff ends (move a ManualClock to end it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while self._busy():
+            self._changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def close(self) -> None:
+        """Stop: no new work; running syncs are cancelled (a sync cut between publishing and
+        storing its sync token publishes the same changes again: at least once)."""
+        self._closed = True
+        for task in list(self._workers.values()):
+            task.cancel()
+
+    # -- workers -----------------------------------------------------------------------------
+    def _lock(self, calendar_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(calendar_id, asyncio.Lock())
+
+    def _busy(self) -> bool:
+        now = self.clock.now()
+        return any(c not in self._parked or self._parked[c] <= now for c in self._workers)
+
+    def _start_worker(self, calendar_id: str, attempt: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._work(calendar_id, attempt))
+        self._workers[calendar_id] = task
+
+    def _retry_later(self, calendar_id: str) -> None:
+        if self._closed:
+            return
+        if calendar_id in self._workers:
+            self._dirty.add(calendar_id)  # its worker syncs again, and backs off if it fails
+        else:
+            self._start_worker(calendar_id, attempt=1)
+
+    async def _work(self, calendar_id: str, attempt: int) -> None:
+        try:
+            if attempt:
+                await self._back_off(calendar_id, attempt)
+            while True:
+                self._dirty.discard(calendar_id)
+                try:
+                    await self._locked_sync(calendar_id, poll=False)
+                    attempt = 0
+                except RetryLater:
+                    attempt += 1
+                    self._dirty.add(calendar_id)
+                    await self._back_off(calendar_id, attempt)
+                if calendar_id not in self._dirty:
+                    return
+        finally:
+            if self._workers.get(calendar_id) is asyncio.current_task():
+                del self._workers[calendar_id]
+            self._changed.set()
+
+    async def _back_off(self, calendar_id: str, attempt: int) -> None:
+        delay = backoff_delay(attempt, base=RETRY_BASE, cap=RETRY_CAP)
+        log.info("sync_retry_scheduled", extra={"calendar_id": calendar_id, "attempt": attempt})
+        self._parked[calendar_id] = self.clock.now() + delay
+        self._changed.set()
+        try:
+            await self.clock.sleep(delay)
+        finally:
+            self._parked.pop(calendar_id, None)
+
+    # -- one sync ----------------------------------------------------------------------------
+    async def _locked_sync(self, calendar_id: str, *, poll: bool) -> Notification | None:
+        async with self._lock(calendar_id):
+            return await self._sync_once(calendar_id, poll=poll)
+
+    async def _sync_once(self, calendar_id: str, *, poll: bool) -> Notification | None:
+        """Raises RetryLater (its argument: how many webhook notifications wait) when Google
+        or the store fails in a way that may pass."""
+        batch: list[Notification] = []
+        try:
+            batch = await self._batch(calendar_id)
+            return await self._sync_batch(calendar_id, batch, poll=poll)
+        except (GoogleError, StoreError) as error:
+            log.warning(
+                "sync_failed",
+                extra={
+                    "calendar_id": calendar_id,
+                    "error": str(error),
+                    "kind": type(error).__name__,
+                    "waiting": len(batch),
+                },
+            )
+            raise RetryLater(len(batch)) from error
+        except Exception as error:  # a bug must not drop the notifications: retry, loudly
+            log.exception("sync_crashed", extra={"calendar_id": calendar_id})
+            raise RetryLater(len(batch)) from error
+
+    async def _batch(self, calendar_id: str) -> list[Notification]:
+        waiting = await self.store.received_notifications(BATCH_LIMIT)
+        return [n for n in waiting if n.calendar_id == calendar_id]
+
+    async def _sync_batch(
+        self, calendar_id: str, batch: list[Notification], *, poll: bool
+    ) -> Notification | None:
+        if await self.store.get_room(calendar_id) is None:
+            await self._skip(calendar_id, batch, "room_gone")
+            return None
+        if not batch and not poll:
+            return None  # an earlier sync took them: nothing to list for
+        if self.google is None:
+            # Left received: a restart with credentials picks them up.
+            log.warning("sync_unconfigured", extra={"calendar_id": calendar_id})
+            return None
+        try:
+            listing, full_resync = await self._list(self.google, calendar_id)
+        except PermanentGoogleError as error:
+            # The channel's own lifecycle deals with a calendar that is gone or forbidden.
+            log.warning(
+                "sync_refused",
+                extra={
+                    "calendar_id": calendar_id,
+                    "status": error.status,
+                    "reason": error.reason,
+                    "skipped": len(batch),
+                },
+            )
+            await self._skip(calendar_id, batch, "google_refused")
+            return None
+        changes = [] if full_resync else changes_of(listing.items)
+        published: Notification | None = None
+        if changes or full_resync:
+            room = await self.store.get_room(calendar_id)  # its tokens as they are now
+            if room is None:  # deleted during the list; its sync token went with it
+                await self._skip(calendar_id, batch, "room_gone")
+                return None
+            chosen = batch.pop() if batch else await self._poll_notification(calendar_id)
+            published = await self.store.publish_notification(
+                chosen.id, changes, full_resync, self._targets(room), self.clock.now()
+            )
+            log.info(
+                "published",
+                extra={
+                    "calendar_id": calendar_id,
+                    "notification_id": published.id,
+                    "seq": published.seq,
+                    "source": published.source,
+                    "changes": len(changes),
+                    "full_resync": full_resync,
+                },
+            )
+            self._announce(published)
+        # Stored after publishing: a crash in between syncs the same changes again (at least
+        # once, never lost); before skipping: a failed skip then costs only an empty re-sync.
+        await self.store.set_sync_token(calendar_id, listing.next_sync_token)
+        await self._skip(calendar_id, batch, "coalesced" if published else "nothing_new")
+        return published
+
+    async def _list(self, google: GoogleCalendar, calendar_id: str) -> tuple[EventList, bool]:
+        """Every page since the stored sync token; a full list (full_resync) when there is no
+        token or Google says it expired (410)."""
+        token = await self.store.get_sync_token(calendar_id)
+        if token is not None:
+            try:
+                return await google.list_events(calendar_id, token), False
+            except SyncTokenExpired:
+                log.info("sync_token_expired", extra={"calendar_id": calendar_id})
+        return await google.list_events(calendar_id, None), True
+
+    async def _poll_notification(self, calendar_id: str) -> Notification:
+        return await self.store.add_notification(
+            calendar_id, "poll", "exists", received_at=self.clock.now()
+        )
+
+    def _targets(self, room: Room) -> list[Target]:
+        targets = [Target("fcm", token) for token in room.firebase_tokens]
+        backend = self.config.backend
+        if backend.notify and backend.url:
+            targets.append(Target("backend"))
+        return targets
+
+    async def _skip(self, calendar_id: str, batch: list[Notification], reason: str) -> None:
+        now = self.clock.now()
+        for notification in batch:
+            await self.store.skip_notification(notification.id, now)
+        if batch:
+            log.debug(
+                "skipped",
+                extra={
+                    "calendar_id": calendar_id,
+                    "notification_ids": [n.id for n in batch],
+                    "reason": reason,
+                },
+            )
+
+    def _announce(self, notification: Notification) -> None:
+        try:
+            self.on_published(notification)
+        except Exception:  # a listener's bug must not undo or repeat the publication
+            log.exception(
+                "on_published_failed",
+                extra={"calendar_id": notification.calendar_id, "notification_id": notification.id},
+            )

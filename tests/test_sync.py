@@ -1,0 +1,666 @@
+"""The syncer against a real SQLite store and the real Calendar gateway on the Google emulator.
+
+Time is a ManualClock shared with the emulator: backoffs end when a test moves it. The only real
+delay is the emulator's injected slow `list`, which makes a burst arrive during a sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from daemon import sync as sync_module
+from daemon.clock import ManualClock
+from daemon.config import Config
+from daemon.emulator.app import Emulator
+from daemon.emulator.keys import write_service_account
+from daemon.google_calendar import GoogleCalendar
+from daemon.sync import Syncer
+from storage.base import Notification, Target
+from storage.sqlite import SqliteStore
+
+CAL = "room-1@resource.calendar.google.com"
+OTHER = "room-2@resource.calendar.google.com"
+TOKENS = ["fcm-token-aaaaaaaaaaaaaaaa-1111", "fcm-token-bbbbbbbbbbbbbbbb-2222"]
+EMAIL = "mrm-push@p.iam.gserviceaccount.com"
+
+
+@pytest.fixture(scope="module")
+def key_info(tmp_path_factory):
+    # One RSA key for the module: generating one takes a noticeable fraction of a second.
+    path = tmp_path_factory.mktemp("key") / "key.json"
+    return write_service_account(
+        path, token_uri="http://unused/token", client_email=EMAIL, project_id="p"
+    )
+
+
+@dataclass
+class Env:
+    clock: ManualClock
+    emu: Emulator
+    store: SqliteStore
+    db_path: str
+    key_file: str
+    published: list[Notification] = field(default_factory=list)
+    syncers: list[Syncer] = field(default_factory=list)
+    gateways: list[GoogleCalendar] = field(default_factory=list)
+    stores: list[SqliteStore] = field(default_factory=list)
+    numbers: int = 0
+
+    @property
+    def google(self):
+        return self.emu.google
+
+    def gateway(self) -> GoogleCalendar:
+        gateway = GoogleCalendar(self.key_file, None, self.emu.calendar_endpoint, 5.0, 2)
+        self.gateways.append(gateway)
+        return gateway
+
+    def syncer(
+        self,
+        config: dict[str, Any] | None = None,
+        *,
+        credentials: bool = True,
+        on_published: Callable[[Notification], None] | None = None,
+    ) -> Syncer:
+        syncer = Syncer(
+            self.store,
+            self.gateway() if credentials else None,
+            self.clock,
+            Config.model_validate(config or {}),
+            on_published or self.published.append,
+        )
+        self.syncers.append(syncer)
+        return syncer
+
+    async def prime(self, calendar_id: str = CAL) -> None:
+        """The first sync token, from a full list, as the channel lifecycle takes it."""
+        listing = await self.gateway().list_events(calendar_id, None)
+        await self.store.set_sync_token(calendar_id, listing.next_sync_token)
+        self.google.calls.clear()
+
+    async def webhook(self, calendar_id: str = CAL) -> Notification:
+        """What the webhook handler stores for an `exists` message."""
+        self.numbers += 1
+        return await self.store.add_notification(
+            calendar_id,
+            "webhook",
+            "exists",
+            self.clock.now(),
+            channel_id="chan-1",
+            message_number=self.numbers,
+        )
+
+    async def restart(self) -> SqliteStore:
+        await self.store.close()
+        self.store = SqliteStore(self.db_path)
+        self.stores.append(self.store)
+        await self.store.open()
+        return self.store
+
+    def list_arrivals(self) -> asyncio.Event:
+        """Set when a `list` call reaches the emulator (before any injected delay): lets a test
+        act while a sync is surely inside its list."""
+        arrived = asyncio.Event()
+        call = self.google.call
+
+        async def spy(method: str, calendar_id: str | None, *args: Any) -> Any:
+            if method == "list":
+                arrived.set()
+            return await call(method, calendar_id, *args)
+
+        self.google.call = spy
+        return arrived
+
+    def list_calls(self, calendar_id: str = CAL) -> int:
+        return sum(1 for m, c, _ in self.google.calls if m == "list" and c == calendar_id)
+
+    async def all_notifications(self) -> list[Notification]:
+        return await self.store.list_notifications(include_unpublished=True, limit=500)
+
+    async def published_in_order(self) -> list[Notification]:
+        return await self.store.list_notifications(limit=500)
+
+
+@pytest.fixture
+def env(io_loop, tmp_path, key_info):
+    clock = ManualClock()
+    emu = Emulator(clock)
+    emu.start()
+    info = dict(key_info, token_uri=emu.token_url)
+    key_file = tmp_path / "key.json"
+    key_file.write_text(json.dumps(info))
+    emu.oauth.register(info)
+    db_path = str(tmp_path / "mrm-push.sqlite3")
+    store = SqliteStore(db_path)
+    io_loop.run_sync(store.open)
+    io_loop.run_sync(lambda: store.put_room(CAL, "Room 1", TOKENS, clock.now()))
+    env = Env(clock, emu, store, db_path, str(key_file))
+    env.stores.append(store)
+    yield env
+    for syncer in env.syncers:
+        syncer.close()
+    for gateway in env.gateways:
+        gateway.close()
+    io_loop.run_sync(env.google.drain)
+    for opened in env.stores:
+        io_loop.run_sync(opened.close)
+    emu.stop()
+
+
+def expected(resource: dict[str, Any]) -> dict[str, Any]:
+    """The change the contract asks for, from the emulator's own view of the event."""
+    return {
+        "event_id": resource["id"],
+        "status": resource["status"],
+        "updated": resource.get("updated"),
+        "start": resource.get("start"),
+        "end": resource.get("end"),
+        "summary": resource.get("summary"),
+    }
+
+
+def targets_of(notification: Notification) -> list[Target]:
+    return sorted(
+        (d.target for d in notification.deliveries), key=lambda t: (t.kind, t.token or "")
+    )
+
+
+# -- coalescing -------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_burst_of_ten_is_at_most_two_syncs_and_one_publication(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="standup")
+    env.google.inject("list", delay=0.2, calendar_id=CAL)  # the burst lands during the first
+    listing = env.list_arrivals()
+    syncer = env.syncer()
+    stored = [await env.webhook()]
+    syncer.kick(CAL)
+    await listing.wait()
+    for _ in range(9):
+        stored.append(await env.webhook())
+        syncer.kick(CAL)
+    await syncer.drain(5)
+
+    assert env.list_calls() <= 2
+    notifications = await env.all_notifications()
+    assert sorted(n.id for n in notifications) == sorted(n.id for n in stored)
+    published = [n for n in notifications if n.state == "published"]
+    skipped = [n for n in notifications if n.state == "skipped"]
+    assert len(published) == 1 and len(skipped) == 9
+    assert published[0].changes == (expected(event),)
+    assert published[0].id == stored[0].id  # the only one stored when the first sync began
+    assert all(n.seq is None and n.deliveries == () for n in skipped)
+    assert env.published == [await env.store.get_notification(published[0].id)]
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_newest_of_a_batch_is_published_and_the_others_skipped(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="standup")
+    first, second, third = [await env.webhook() for _ in range(3)]
+    syncer = env.syncer()
+    published = await syncer.sync_calendar(CAL)
+    assert published is not None
+    assert published.id == third.id
+    assert published.seq == 1
+    assert (published.changes, published.full_resync) == ((expected(event),), False)
+    for older in (first, second):
+        assert (await env.store.get_notification(older.id)).state == "skipped"
+    assert env.list_calls() == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_syncs_of_different_calendars_do_not_wait_for_each_other(env):
+    await env.store.put_room(OTHER, "Room 2", [], env.clock.now())
+    await env.prime(CAL)
+    await env.prime(OTHER)
+    one = env.google.insert_event(CAL, summary="one")
+    two = env.google.insert_event(OTHER, summary="two")
+    env.google.inject("list", delay=0.3, calendar_id=CAL)
+    syncer = env.syncer()
+    await env.webhook(CAL)
+    syncer.kick(CAL)
+    await env.webhook(OTHER)
+    syncer.kick(OTHER)
+    await syncer.drain(5)
+    assert env.google.max_in_flight == 2  # OTHER's list ran while CAL's was held up
+    by_calendar = {n.calendar_id: n.changes for n in await env.published_in_order()}
+    assert by_calendar == {CAL: (expected(one),), OTHER: (expected(two),)}
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_second_sync_of_a_calendar_waits_for_the_one_under_way(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="once")
+    env.google.inject("list", delay=0.2, calendar_id=CAL)
+    listing = env.list_arrivals()
+    syncer = env.syncer()
+    first = await env.webhook()
+    running = asyncio.ensure_future(syncer.sync_calendar(CAL))
+    await listing.wait()
+    second = await env.webhook()
+    # Run alongside, it would take both notifications, list from the same token and publish
+    # the change a second time.
+    assert await syncer.sync_calendar(CAL) is None
+    published = await running
+    assert published is not None and published.id == first.id
+    assert published.changes == (expected(event),)
+    assert (await env.store.get_notification(second.id)).state == "skipped"
+    assert [n.id for n in await env.published_in_order()] == [first.id]
+
+
+# -- what a sync finds ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_an_expired_sync_token_publishes_a_full_resync_without_changes(env):
+    await env.prime()
+    env.google.insert_event(CAL, summary="lost in the gap")
+    env.google.expire_sync_tokens(CAL)
+    old_token = await env.store.get_sync_token(CAL)
+    notification = await env.webhook()
+    published = await env.syncer().sync_calendar(CAL)
+    assert published is not None and published.id == notification.id
+    assert (published.full_resync, published.changes) == (True, ())
+    assert [m for m, c, _ in env.google.calls] == ["list", "list"]  # 410, then the full list
+    assert [s for _, _, s in env.google.calls] == [410, 200]
+    new_token = await env.store.get_sync_token(CAL)
+    assert new_token and new_token != old_token
+
+    # The new token works incrementally again.
+    later = env.google.insert_event(CAL, summary="after the resync")
+    await env.webhook()
+    again = await env.syncers[0].sync_calendar(CAL)
+    assert again is not None
+    assert (again.full_resync, again.changes) == (False, (expected(later),))
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_no_sync_token_at_all_is_a_full_resync(env):
+    env.google.insert_event(CAL, summary="existing")
+    await env.webhook()
+    published = await env.syncer().sync_calendar(CAL)
+    assert published is not None
+    assert (published.full_resync, published.changes) == (True, ())
+    assert await env.store.get_sync_token(CAL)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_every_page_goes_into_one_notification(env):
+    await env.prime()
+    env.google.page_size = 3
+    events = [env.google.insert_event(CAL, summary=f"meeting {n}") for n in range(7)]
+    await env.webhook()
+    published = await env.syncer().sync_calendar(CAL)
+    assert published is not None
+    assert list(published.changes) == [expected(e) for e in events]
+    assert env.list_calls() == 3
+    assert len(await env.all_notifications()) == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_sync_that_finds_nothing_skips_and_never_publishes(env):
+    await env.prime()
+    old_token = await env.store.get_sync_token(CAL)
+    notification = await env.webhook()
+    syncer = env.syncer()
+    assert await syncer.sync_calendar(CAL) is None
+    stored = await env.store.get_notification(notification.id)
+    assert (stored.state, stored.seq, stored.deliveries) == ("skipped", None, ())
+    assert await env.published_in_order() == []
+    assert await env.store.last_seq() == 0
+    assert env.published == []
+    assert await env.store.get_sync_token(CAL) != old_token  # Google's newest token is kept
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_cancelled_events_come_as_cancelled_with_null_fields(env):
+    await env.prime()
+    doomed = env.google.insert_event(CAL, summary="doomed")
+    await env.webhook()
+    syncer = env.syncer()
+    await syncer.sync_calendar(CAL)
+    env.clock.advance(60)
+    env.google.cancel_event(CAL, doomed["id"])
+    await env.webhook()
+    published = await syncer.sync_calendar(CAL)
+    assert published is not None
+    assert published.changes == (
+        {
+            "event_id": doomed["id"],
+            "status": "cancelled",
+            "updated": None,
+            "start": None,
+            "end": None,
+            "summary": None,
+        },
+    )
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_every_change_is_published_exactly_once_over_a_sequence_of_edits(env):
+    """Each step edits, then notifies the way Google would (one or more messages, or the poll,
+    or nothing), then waits. The published changes, in seq order, must be exactly the edits:
+    per step, each edited event once, in its last state, in the order of its last edit."""
+    await env.prime()
+    google, clock = env.google, env.clock
+    syncer = env.syncer()
+    live: list[str] = []
+    want: list[dict[str, Any]] = []
+    steps = [
+        ("insert", "insert"),
+        ("update",),
+        ("insert", "update", "cancel"),
+        (),
+        ("update", "update"),
+        ("insert", "insert", "insert", "cancel"),
+        ("update", "cancel", "insert"),
+    ]
+    for number, edits in enumerate(steps):
+        step: dict[str, dict[str, Any]] = {}
+        for edit in edits:
+            clock.advance(30)
+            if edit == "insert":
+                resource = google.insert_event(CAL, summary=f"step {number} new")
+                live.append(resource["id"])
+            elif edit == "update":
+                resource = google.update_event(CAL, live[0], summary=f"step {number} moved")
+            else:
+                resource = google.cancel_event(CAL, live.pop())
+            step.pop(resource["id"], None)
+            step[resource["id"]] = expected(resource)
+        want.extend(step.values())
+        if number % 3 == 2:
+            await syncer.poll_all()  # no webhook for this step: the poll finds it
+        else:
+            for _ in range(1 + number % 2):  # Google may tell twice
+                await env.webhook()
+                syncer.kick(CAL)
+            await syncer.drain(5)
+
+    published = await env.published_in_order()
+    got = [change for n in published for change in n.changes]
+    assert got == want
+    assert [n.seq for n in published] == list(range(1, len(published) + 1))
+    assert [n.id for n in env.published] == [n.id for n in published]
+    assert {n.source for n in published} == {"webhook", "poll"}
+    assert not [n for n in await env.all_notifications() if n.state == "received"]
+
+
+# -- the safety-net poll ----------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_poll_publishes_what_it_finds_with_source_poll(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="missed by push")
+    syncer = env.syncer()
+    assert await syncer.poll_all() == 1
+    (notification,) = await env.all_notifications()
+    assert notification.state == "published"
+    assert (notification.source, notification.resource_state) == ("poll", "exists")
+    assert (notification.channel_id, notification.message_number) == (None, None)
+    assert notification.changes == (expected(event),)
+    assert [n.id for n in env.published] == [notification.id]
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_poll_that_finds_nothing_stores_nothing(env):
+    await env.prime()
+    assert await env.syncer().poll_all() == 0
+    assert await env.all_notifications() == []
+    assert env.list_calls() == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_poll_and_a_webhook_sync_publish_a_change_once(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="seen by both")
+    env.google.inject("list", delay=0.1, calendar_id=CAL)
+    syncer = env.syncer()
+    await env.webhook()
+    syncer.kick(CAL)
+    await asyncio.gather(syncer.poll_all(), syncer.sync_calendar(CAL))
+    await syncer.drain(5)
+    published = await env.published_in_order()
+    assert [n.changes for n in published] == [(expected(event),)]
+    assert not [n for n in await env.all_notifications() if n.state == "received"]
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_poll_leaves_out_a_calendar_that_is_syncing(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="x")
+    env.google.inject("list", delay=0.2, calendar_id=CAL)
+    listing = env.list_arrivals()
+    syncer = env.syncer()
+    await env.webhook()
+    syncer.kick(CAL)
+    await listing.wait()
+    assert await syncer.poll_all() == 0
+    assert env.list_calls() == 0  # the poll made none; the webhook sync's is still running
+    await syncer.drain(5)
+    assert env.list_calls() == 1
+    assert [n.changes for n in await env.published_in_order()] == [(expected(event),)]
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_poll_takes_received_notifications_of_a_calendar_it_syncs(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="webhook not synced yet")
+    waiting = await env.webhook()  # stored, never kicked (as after a crash)
+    assert await env.syncer().poll_all() == 1
+    (notification,) = await env.all_notifications()
+    assert (notification.id, notification.source) == (waiting.id, "webhook")
+    assert notification.changes == (expected(event),)
+
+
+# -- Google failing ---------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_transient_failure_keeps_notifications_and_retries_with_backoff(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="during the outage")
+    env.google.inject("list", status=503, calendar_id=CAL)
+    syncer = env.syncer()
+    notification = await env.webhook()
+    syncer.kick(CAL)
+    await syncer.drain(5)  # returns once the calendar is parked in its backoff
+    assert (await env.store.get_notification(notification.id)).state == "received"
+    assert env.clock.sleepers == 1
+    assert env.published == []
+    token = await env.store.get_sync_token(CAL)
+
+    # A kick during the backoff waits for it rather than hammering Google.
+    second = await env.webhook()
+    syncer.kick(CAL)
+    await syncer.drain(5)
+    assert env.list_calls() == 1
+
+    env.clock.advance(sync_module.RETRY_CAP + 1)
+    await syncer.drain(5)
+    published = await env.published_in_order()
+    assert [(n.id, n.changes) for n in published] == [(second.id, (expected(event),))]
+    assert (await env.store.get_notification(notification.id)).state == "skipped"
+    assert await env.store.get_sync_token(CAL) != token
+    assert env.list_calls() == 2
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_direct_sync_that_fails_schedules_the_retry(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="x")
+    env.google.inject("list", status=500, reason="backendError", calendar_id=CAL)
+    syncer = env.syncer()
+    await env.webhook()
+    assert await syncer.sync_calendar(CAL) is None
+    await syncer.drain(5)
+    assert env.clock.sleepers == 1
+    env.clock.advance(sync_module.RETRY_CAP + 1)
+    await syncer.drain(5)
+    assert [n.changes for n in await env.published_in_order()] == [(expected(event),)]
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_permanent_failure_skips_the_batch_with_a_warning(env, caplog):
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    env.google.inject("list", status=404, reason="notFound", calendar_id=CAL)
+    token = await env.store.get_sync_token(CAL)
+    syncer = env.syncer()
+    notification = await env.webhook()
+    with caplog.at_level(logging.WARNING, logger="daemon.sync"):
+        syncer.kick(CAL)
+        await syncer.drain(5)
+    assert (await env.store.get_notification(notification.id)).state == "skipped"
+    assert env.clock.sleepers == 0  # no retry
+    assert await env.store.get_sync_token(CAL) == token
+    (record,) = [r for r in caplog.records if r.getMessage() == "sync_refused"]
+    assert (record.levelno, record.calendar_id, record.status) == (logging.WARNING, CAL, 404)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_no_google_credentials_leave_notifications_received(env):
+    await env.prime()
+    notification = await env.webhook()
+    assert await env.syncer(credentials=False).sync_calendar(CAL) is None
+    assert (await env.store.get_notification(notification.id)).state == "received"
+
+
+# -- restarts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_resume_after_a_restart_publishes_what_was_received(env):
+    await env.prime()
+    await env.store.put_room(OTHER, "Room 2", [], env.clock.now())
+    await env.prime(OTHER)
+    one = env.google.insert_event(CAL, summary="before the crash")
+    two = env.google.insert_event(OTHER, summary="also before")
+    # Stored by the webhook, then the process died before syncing.
+    await env.webhook(CAL)
+    await env.webhook(CAL)
+    await env.webhook(OTHER)
+    env.syncer().close()
+
+    await env.restart()
+    syncer = env.syncer()
+    await syncer.resume()
+    await syncer.drain(5)
+    published = await env.published_in_order()
+    assert {n.calendar_id: n.changes for n in published} == {
+        CAL: (expected(one),),
+        OTHER: (expected(two),),
+    }
+    assert not [n for n in await env.all_notifications() if n.state == "received"]
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_restart_during_an_outage_loses_nothing(env):
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="during the outage")
+    env.google.inject("list", status=503, calendar_id=CAL)
+    first = env.syncer()
+    await env.webhook()
+    first.kick(CAL)
+    await first.drain(5)
+    first.close()
+
+    await env.restart()
+    second = env.syncer()
+    await second.resume()
+    await second.drain(5)
+    assert [n.changes for n in await env.published_in_order()] == [(expected(event),)]
+
+
+# -- rooms, targets, listeners ----------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_notification_of_a_deleted_room_is_skipped_without_listing(env):
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    notification = await env.webhook()
+    await env.store.delete_room(CAL)
+    syncer = env.syncer()
+    syncer.kick(CAL)
+    await syncer.drain(5)
+    assert (await env.store.get_notification(notification.id)).state == "skipped"
+    assert env.list_calls() == 0
+    assert env.published == []
+
+
+@pytest.mark.parametrize(
+    ("backend", "with_backend"),
+    [
+        ({}, False),
+        ({"notify": True}, False),  # nowhere to send it
+        ({"url": "http://127.0.0.1:1/graphql"}, False),  # not asked to notify
+        ({"notify": True, "url": "http://127.0.0.1:1/graphql"}, True),
+    ],
+)
+@pytest.mark.gen_test(timeout=15)
+async def test_targets_are_the_room_tokens_plus_the_backend_when_notify_and_url(
+    env, caplog, backend, with_backend
+):
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    await env.webhook()
+    with caplog.at_level(logging.DEBUG, logger="daemon.sync"):
+        published = await env.syncer({"backend": backend}).sync_calendar(CAL)
+    assert published is not None
+    want = [Target("fcm", token) for token in sorted(TOKENS)]
+    if with_backend:
+        want.insert(0, Target("backend"))
+    assert targets_of(published) == want
+    assert all(d.state == "pending" for d in published.deliveries)
+    # Logs name ids, never tokens.
+    text = " ".join(str(vars(r)) for r in caplog.records)
+    assert "published" in text
+    assert not any(token in text for token in TOKENS)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_on_published_is_called_once_per_publication_and_cannot_break_a_sync(env):
+    await env.prime()
+    calls: list[int] = []
+
+    def listener(notification: Notification) -> None:
+        calls.append(notification.id)
+        raise RuntimeError("listener bug")
+
+    syncer = env.syncer(on_published=listener)
+    env.google.insert_event(CAL, summary="a")
+    await env.webhook()
+    await env.webhook()
+    first = await syncer.sync_calendar(CAL)
+    await env.webhook()  # nothing new: no call
+    assert await syncer.sync_calendar(CAL) is None
+    env.google.insert_event(CAL, summary="b")
+    await env.webhook()
+    second = await syncer.sync_calendar(CAL)
+    assert first is not None and second is not None
+    assert calls == [first.id, second.id]
+    assert not [n for n in await env.all_notifications() if n.state == "received"]
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_close_stops_new_work(env):
+    await env.prime()
+    notification = await env.webhook()
+    syncer = env.syncer()
+    syncer.close()
+    syncer.kick(CAL)
+    await syncer.drain(1)
+    assert env.list_calls() == 0
+    assert (await env.store.get_notification(notification.id)).state == "received"
