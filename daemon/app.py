@@ -21,6 +21,7 @@ from daemon.google_calendar import GoogleCalendar
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
+from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
 from storage import make_store
@@ -54,6 +55,11 @@ class Service:
         self.channels = ChannelManager(self.store, self.google, self.clock, self.config)
         self.rooms = Rooms(self.store, self.channels, self.clock)
         self.refresher = Refresher(self.store, self.rooms, self.config, self.secrets.backend_token)
+        self.syncer = Syncer(
+            self.store, self.google, self.clock, self.config, on_published=self._published
+        )
+        # Called for each publication (delivery, fan-out); a list so later parts add theirs.
+        self.publication_listeners: list[Callable[[Notification], None]] = []
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {
             "storage": self.store.ping,
@@ -65,6 +71,8 @@ class Service:
             "renew", self.channels.renew_due, self.config.google.renew_check_interval
         )
         self._add_periodic("channel_retries", self._channel_upkeep, CHANNEL_UPKEEP_INTERVAL)
+        if self.config.sync.poll_interval:
+            self._add_periodic("poll", self.syncer.poll_all, self.config.sync.poll_interval)
         if self.config.backend.refresh_interval and self.config.backend.url:
             self._add_periodic(
                 "refresh", self.refresher.refresh, self.config.backend.refresh_interval
@@ -129,8 +137,12 @@ class Service:
         await self.channels.process_stops()
 
     def notification_stored(self, notification: Notification) -> None:
-        """A webhook notification is stored; the notification path takes it from here."""
-        log.debug("notification_stored", extra={"notification_id": notification.id})
+        """A webhook notification is stored (and answered): sync its calendar."""
+        self.syncer.kick(notification.calendar_id)
+
+    def _published(self, notification: Notification) -> None:
+        for listener in self.publication_listeners:
+            listener(notification)
 
     def _make_app(self) -> web.Application:
         routes = all_routes(self.config.google.webhook_path)
@@ -157,6 +169,7 @@ class Service:
         )
         self.server.add_sockets(self.sockets)
         await self.channels.recover_after_restart()
+        await self.syncer.resume()
         for callback in self.periodic.values():
             callback.start()
         log.info("listening", extra={"host": server.host, "port": self.port})
@@ -177,6 +190,8 @@ class Service:
         for callback in self.periodic.values():
             callback.stop()
         await self.channels.drain(1.0)
+        await self.syncer.drain(1.0)
+        self.syncer.close()
         if self.server is not None:
             await self.server.close_all_connections()
         if self.google is not None:
