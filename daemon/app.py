@@ -81,6 +81,7 @@ class Service:
         self.server: HTTPServer | None = None
         self.sockets: list[socket.socket] = []
         self.stopping = False
+        self._recovered = False
 
     def _make_google(self) -> GoogleCalendar | None:
         google = self.config.google
@@ -133,6 +134,7 @@ class Service:
             self.channels.spawn(self._periodic_work[name]())
 
     async def _channel_upkeep(self) -> None:
+        await self._recover()
         await self.channels.retry_pending()
         await self.channels.process_stops()
 
@@ -168,11 +170,25 @@ class Service:
             idle_connection_timeout=60,
         )
         self.server.add_sockets(self.sockets)
-        await self.channels.recover_after_restart()
-        await self.syncer.resume()
+        await self._recover()
         for callback in self.periodic.values():
             callback.start()
         log.info("listening", extra={"host": server.host, "port": self.port})
+
+    async def _recover(self) -> None:
+        """Pick up what a previous run left (claims, channels in flight, unsynced
+        notifications). With the database down this waits: the upkeep task tries again."""
+        if self._recovered:
+            return
+        try:
+            released = await self.store.release_claims()
+            await self.channels.recover_after_restart()
+            await self.syncer.resume()
+        except StoreError as error:
+            log.warning("recovery_postponed", extra={"reason": str(error)})
+            return
+        self._recovered = True
+        log.info("recovered", extra={"released_claims": released})
 
     @property
     def port(self) -> int:

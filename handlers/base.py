@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from tornado import httputil, web
 
 from daemon.configfile import Secrets
+from storage.base import StoreError
 
 if TYPE_CHECKING:
     from daemon.app import Service
@@ -150,6 +151,15 @@ class BaseHandler(web.RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value, separators=(",", ":")))
 
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        if status_code == 500 and exc_info is not None and isinstance(exc_info[1], StoreError):
+            # The database is down or refused: say so, and that trying again may work.
+            status_code = 503
+            kwargs.update(code="storage_unavailable", message=str(exc_info[1]))
+            kwargs.pop("exc_info")
+        super().send_error(status_code, **kwargs)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         code = kwargs.get("code") or responses.get(status_code, "error").lower()
         message = kwargs.get("message") or responses.get(status_code, "error")
@@ -169,6 +179,9 @@ class BaseHandler(web.RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, web.HTTPError):
             return  # answered with its status and code; the access line records it
+        if isinstance(value, StoreError):
+            log.warning("storage_error", extra={"path": self.request.path, "reason": str(value)})
+            return
         log.error(
             "handler_error",
             exc_info=(typ, value, tb),

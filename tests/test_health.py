@@ -109,3 +109,20 @@ def test_every_shipped_route_has_an_auth_decision():
 
     check_auth_decisions(all_routes())
     assert Service  # the app module imports cleanly
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_with_mongodb_down_the_service_runs_and_says_why_it_is_unready(make_service):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"mongodb://127.0.0.1:{port}/mrm?serverSelectionTimeoutMS=300"
+    service = await make_service({"storage": {"url": url}})
+    assert (await call(service, "GET", "/healthz", key=None))[0] == 200
+    status, body = await call(service, "GET", "/readyz", key=None)
+    assert status == 503
+    assert "unreachable" in body["checks"]["storage"] or "refused" in body["checks"]["storage"]
+    status, body = await call(service, "GET", "/v1/rooms")
+    assert status == 503 and body["error"]["code"] == "storage_unavailable"
