@@ -18,7 +18,7 @@ def backoff_delay(
     so that many failures at once do not come back at once, yet never come back immediately.
     """
     step: float = min(cap, base * 2.0 ** max(0, attempt - 1))
-    jitter = (rng or random.Random()).uniform(0, step / 2)
+    jitter = (rng or random.Random()).uniform(0, step / 2)  # noqa: S311 - jitter, not a secret
     return step / 2 + jitter
 
 

@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from daemon.configfile import ConfigError, LoadedConfig, describe, load_config, warnings
 from daemon.logs import setup_logging

@@ -200,7 +200,9 @@ class Store(Protocol):
         """Set the given fields (any Channel field but id, calendar_id, created_at) and
         updated_at; returns the new channel, None when unknown."""
 
-    async def confirm_channel(self, channel_id: str, resource_id: str, now: float) -> Channel | None:
+    async def confirm_channel(
+        self, channel_id: str, resource_id: str, now: float
+    ) -> Channel | None:
         """Google's `sync`: confirmed = True, and resource_id set where it is still empty."""
 
     async def advance_message_number(self, channel_id: str, message_number: int) -> bool:

@@ -49,12 +49,18 @@ def _secret_file(path: Path) -> str:
     return value
 
 
-def prepare_demo(emulator: Emulator, state_dir: Path) -> DemoFiles:
-    """Write the key file (trusted by this emulator run), an API key and a subscriber token."""
+def write_key_file(emulator: Emulator, state_dir: Path) -> Path:
+    """A new service-account key in the state directory, trusted by this emulator run only."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_file = state_dir / "emulator-service-account.json"
-    key_file.unlink(missing_ok=True)  # a new key each run: the emulator trusts only its own
+    key_file.unlink(missing_ok=True)
     emulator.write_service_account(str(key_file), project_id=PROJECT_ID)
+    return key_file
+
+
+def prepare_demo(emulator: Emulator, state_dir: Path) -> DemoFiles:
+    """Write the key file (trusted by this emulator run), an API key and a subscriber token."""
+    key_file = write_key_file(emulator, state_dir)
     api_key_file = state_dir / "emulator-api-key"
     subscriber_file = state_dir / "emulator-subscriber-token"
     return DemoFiles(
@@ -106,10 +112,11 @@ def demo_instructions(service_url: str, emulator: Emulator, demo: DemoFiles) -> 
             f"  subscriber token:    {demo.subscriber_token_file}",
             "Try:",
             f"  curl -X PUT -H {key} -H 'Content-Type: application/json' \\",
-            f'       -d \'{{"firebase_tokens": ["demo-tablet-token"]}}\' \\',
+            '       -d \'{"firebase_tokens": ["demo-tablet-token"]}\' \\',
             f"       {service_url}/v1/rooms/{calendar}",
             f"  curl -H {key} {service_url}/v1/channels",
-            f"  curl -X POST -H 'Content-Type: application/json' -d '{{\"summary\": \"Standup\"}}' \\",
+            "  curl -X POST -H 'Content-Type: application/json' \\",
+            '       -d \'{"summary": "Standup"}\' \\',
             f"       {emulator.base_url}/emulator/google/calendars/{calendar}/events",
             f"  curl '{emulator.base_url}/emulator/fcm/messages?token=demo-tablet-token'",
             f"  curl -X POST -d '{{\"advance\": 604800}}' {emulator.base_url}/emulator/clock",
@@ -125,11 +132,7 @@ async def run_emulator(host: str, port: int, loaded: LoadedConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     emulator = start_emulator(host, port)
-    state_dir = Path(loaded.config.server.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key_file = state_dir / "emulator-service-account.json"
-    key_file.unlink(missing_ok=True)
-    emulator.write_service_account(str(key_file), project_id=PROJECT_ID)
+    key_file = write_key_file(emulator, Path(loaded.config.server.state_dir))
     print(
         f"emulator on {emulator.base_url}\n"
         f"  key file (token_uri points here): {key_file}\n"
