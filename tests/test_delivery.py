@@ -1,0 +1,818 @@
+"""The delivery worker: a real SQLite outbox, the firebase-admin sender against the FCM emulator,
+a small GraphQL app for the backend, and a ManualClock that only moves when the test says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+from tornado.web import Application, RequestHandler
+
+from daemon.clock import ManualClock
+from daemon.config import Backend, Config, Fcm
+from daemon.delivery import MISMATCH_WINDOW, NOTIFY_MUTATION, PROBE_INTERVAL, DeliveryWorker
+from daemon.emulator.app import Emulator
+from daemon.emulator.fcm import FcmEmulator
+from daemon.fcm import make_sender
+from daemon.fcm_message import DATA_LIMIT, fcm_data
+from storage.base import FINAL_DELIVERY_STATES, Delivery, Notification, Target
+from storage.sqlite import SqliteStore
+
+PROJECT = "mrm-push-emulator"
+CAL = "room-1@resource.calendar.google.com"
+CAL_2 = "room-2@resource.calendar.google.com"
+BACKEND_TOKEN = "backend-secret-token"
+DAY = 86400.0
+
+
+def tok(name: str) -> str:
+    return f"tablet-{name}:APA91bFakeTokenForTheEmulator_{name}_0123456789"
+
+
+TOKEN = tok("a")
+TOKEN_B = tok("b")
+
+
+def change(event_id: str) -> dict[str, Any]:
+    return {"event_id": event_id, "status": "confirmed", "updated": "2027-01-15T10:00:00.000Z"}
+
+
+def compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def emu(io_loop, clock, tmp_path):
+    emulator = Emulator(clock)
+    emulator.fcm = FcmEmulator(emulator.oauth, clock, project_id=PROJECT)
+    emulator.start()
+    emulator.key_file = str(tmp_path / "service-account.json")
+    emulator.write_service_account(emulator.key_file)
+    yield emulator
+    emulator.fcm.release()
+    emulator.stop()
+
+
+@pytest.fixture
+def store(io_loop, tmp_path):
+    opened = SqliteStore(str(tmp_path / "store.sqlite3"))
+    io_loop.run_sync(opened.open)
+    yield opened
+    io_loop.run_sync(opened.close)
+
+
+@pytest.fixture
+def executor():
+    pool = ThreadPoolExecutor(max_workers=4)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+class FakeBackend:
+    """mrm_api's GraphQL endpoint: records requests; answers from `answers` (status, body,
+    headers), else a normal mutation answer; holds every answer while `gate` is set."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[dict[str, Any]] = []
+        self.answers: deque[tuple[int, Any, dict[str, str]]] = deque()
+        self.gate: asyncio.Event | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def answer(self, status: int, body: Any, count: int = 1, **headers: str) -> None:
+        self.answers.extend([(status, body, headers)] * count)
+
+    def note(self, request: dict[str, Any]) -> None:
+        self.requests.append(request)
+        for count, future in self._waiters:
+            if len(self.requests) >= count and not future.done():
+                future.set_result(None)
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        if len(self.requests) >= count:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((count, future))
+        await asyncio.wait_for(future, timeout)
+
+
+class GraphQLHandler(RequestHandler):
+    def initialize(self, fake: FakeBackend) -> None:
+        self.fake = fake
+
+    def check_xsrf_cookie(self) -> None:
+        pass
+
+    async def post(self) -> None:
+        self.fake.note(
+            {
+                "authorization": self.request.headers.get("Authorization"),
+                "content_type": self.request.headers.get("Content-Type"),
+                "body": json.loads(self.request.body),
+            }
+        )
+        if self.fake.gate is not None:
+            await self.fake.gate.wait()
+        status, body, headers = (
+            self.fake.answers.popleft()
+            if self.fake.answers
+            else (200, {"data": {"mrmNotification": {"message": "OK"}}}, {})
+        )
+        self.set_status(status)
+        for name, value in headers.items():
+            self.set_header(name.replace("_", "-"), value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+
+@pytest.fixture
+def backend(io_loop):
+    fake = FakeBackend()
+    sock, port = bind_unused_port()
+    server = HTTPServer(Application([(r"/graphql", GraphQLHandler, {"fake": fake})]))
+    server.add_sockets([sock])
+    fake.url = f"http://127.0.0.1:{port}/graphql"
+    yield fake
+    if fake.gate is not None:
+        fake.gate.set()
+    server.stop()
+
+
+@pytest.fixture
+def make_worker(io_loop, store, clock, emu, executor):
+    senders = []
+
+    def make(
+        *, fcm: dict[str, Any] | None = None, backend: dict[str, Any] | None = None, **kw: Any
+    ) -> DeliveryWorker:
+        config = Config(
+            fcm=Fcm(**{"attempt_timeout": 5, **(fcm or {})}),
+            backend=Backend(**{"timeout": 5, **(backend or {})}),
+        )
+        sender = None
+        if kw.pop("with_sender", True):
+            sender = make_sender(
+                "firebase-admin",
+                service_account_file=emu.key_file,
+                project_id=PROJECT,
+                endpoint=emu.base_url,
+                attempt_timeout=5.0,
+                executor=executor,
+                clock=clock,
+            )
+            senders.append(sender)
+        return DeliveryWorker(kw.pop("store", store), sender, clock, config, BACKEND_TOKEN)
+
+    yield make
+    for sender in senders:
+        io_loop.run_sync(sender.close)
+
+
+def backend_settings(fake: FakeBackend, **more: Any) -> dict[str, Any]:
+    return {"url": fake.url, "notify": True, **more}
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+async def publish(
+    store,
+    clock,
+    tokens=(TOKEN,),
+    *,
+    calendar: str = CAL,
+    notify: bool = False,
+    changes: list[dict[str, Any]] | None = None,
+    full_resync: bool = False,
+) -> Notification:
+    received = await store.add_notification(calendar, "poll", "exists", clock.now())
+    targets = [Target("fcm", t) for t in tokens] + ([Target("backend")] if notify else [])
+    return await store.publish_notification(
+        received.id,
+        [change("ev1")] if changes is None else changes,
+        full_resync,
+        targets,
+        clock.now(),
+    )
+
+
+async def delivery(store, notification: Notification, token: str | None = None) -> Delivery:
+    stored = await store.get_notification(notification.id)
+    [found] = [d for d in stored.deliveries if d.target.token == token]
+    return found
+
+
+async def states(store, *notifications: Notification) -> list[str]:
+    found = []
+    for notification in notifications:
+        stored = await store.get_notification(notification.id)
+        found += [d.state for d in stored.deliveries]
+    return found
+
+
+async def run_until_settled(worker, store, clock, rounds: int = 30) -> None:
+    """Run, then move the clock to the next due delivery, until nothing waits."""
+    for _ in range(rounds):
+        await worker.run_once()
+        due = await store.next_delivery_due()
+        if due is None:
+            return
+        clock.set(due)
+    raise AssertionError("deliveries still waiting")
+
+
+def expected_data(notification: Notification, ids: list[str], full: str = "0") -> dict[str, str]:
+    return {
+        "type": "calendar_changed",
+        "calendar_id": notification.calendar_id,
+        "notification_id": str(notification.id),
+        "seq": str(notification.seq),
+        "resource_state": notification.resource_state,
+        "event_ids": compact(ids),
+        "full_resync": full,
+    }
+
+
+def made(ids: list[str], **more: Any) -> Notification:
+    return Notification(
+        id=42,
+        calendar_id=CAL,
+        source="webhook",
+        channel_id="c",
+        message_number=7,
+        resource_state="exists",
+        received_at=0.0,
+        state="published",
+        changes=tuple(change(i) for i in ids),
+        seq=17,
+        **more,
+    )
+
+
+# -- the message -------------------------------------------------------------------------
+
+
+def test_data_fields():
+    notification = made(["ev1", "ev2", "ev1"])
+    assert fcm_data(notification) == {
+        "type": "calendar_changed",
+        "calendar_id": CAL,
+        "notification_id": "42",
+        "seq": "17",
+        "resource_state": "exists",
+        "event_ids": '["ev1","ev2"]',
+        "full_resync": "0",
+    }
+    resync = fcm_data(made([], full_resync=True))
+    assert (resync["event_ids"], resync["full_resync"]) == ("[]", "1")
+
+
+def ids_of_size(target: int) -> list[str]:
+    """Event ids that bring the data map (as compact JSON) to exactly `target` bytes."""
+    ids: list[str] = []
+    while True:
+        longer = [*ids, f"{len(ids):03d}" + "v" * 37]
+        if len(compact(expected_data(made(longer), longer)).encode()) > target:
+            break
+        ids = longer
+    short = target - len(compact(expected_data(made(ids), ids)).encode())
+    ids[-1] += "v" * short
+    assert len(compact(expected_data(made(ids), ids)).encode()) == target
+    return ids
+
+
+def test_ids_that_just_fit_are_kept_and_one_byte_more_is_a_full_resync():
+    fits = ids_of_size(DATA_LIMIT - 1)
+    assert fcm_data(made(fits)) == expected_data(made(fits), fits)
+    too_big = ids_of_size(DATA_LIMIT)
+    assert fcm_data(made(too_big)) == expected_data(made(too_big), [], full="1")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_message_sent_per_token_with_exact_fields(store, clock, emu, make_worker):
+    worker = make_worker()
+    notification = await publish(store, clock, (TOKEN, TOKEN_B), changes=[change("ev1")])
+    assert await worker.run_once() == 2
+    for token in (TOKEN, TOKEN_B):
+        [message] = emu.fcm.messages(token)
+        assert message["message"] == {
+            "token": token,
+            "data": expected_data(notification, ["ev1"]),
+            "android": {"priority": "high", "collapse_key": CAL, "ttl": "3600s"},
+        }
+        sent = await delivery(store, notification, token)
+        assert (sent.state, sent.attempts, sent.last_error) == ("sent", 1, None)
+    assert (worker.sent, worker.failed, worker.retried) == (2, 0, 0)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_too_many_ids_go_out_as_full_resync(store, clock, emu, make_worker):
+    worker = make_worker()
+    long_ids = [f"{i:04d}" + "v" * 60 for i in range(200)]
+    big = await publish(store, clock, changes=[change(i) for i in long_ids])
+    fits = ids_of_size(DATA_LIMIT - 1)
+    small = await publish(store, clock, (TOKEN_B,), changes=[change(i) for i in fits])
+    assert await worker.run_once() == 2
+    [message] = emu.fcm.messages(TOKEN)
+    assert message["message"]["data"] == expected_data(big, [], full="1")
+    [message] = emu.fcm.messages(TOKEN_B)
+    assert message["message"]["data"] == expected_data(small, fits)
+
+
+# -- outcomes ----------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize(
+    ("state", "error"),
+    [
+        ("unregistered", "UNREGISTERED (HTTP 404): Requested entity was not found.; token dropped"),
+        (
+            "invalid",
+            "INVALID_ARGUMENT (HTTP 400): The registration token is not a valid FCM "
+            "registration token; token dropped",
+        ),
+    ],
+)
+async def test_refused_token_is_tombstoned_and_its_other_deliveries_cancelled(
+    store, clock, emu, make_worker, caplog, state, error
+):
+    caplog.set_level(logging.DEBUG, logger="daemon")
+    worker = make_worker()
+    await store.put_room(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
+    emu.fcm.set_state(TOKEN, state)
+    first = await publish(store, clock, (TOKEN, TOKEN_B))
+    later = await publish(store, clock, (TOKEN,))
+    # The later one waits for a retry: it is pending, not due, when the token is refused.
+    waiting = await delivery(store, later, TOKEN)
+    await store.finish_delivery(
+        waiting.id, "pending", clock.now(), next_attempt_at=clock.now() + 99
+    )
+
+    assert await worker.run_once() == 2
+    refused = await delivery(store, first, TOKEN)
+    assert (refused.state, refused.attempts, refused.last_error) == ("failed", 1, error)
+    assert (await delivery(store, later, TOKEN)).state == "cancelled"
+    assert (await delivery(store, first, TOKEN_B)).state == "sent"
+    assert (await store.get_room(CAL)).firebase_tokens == (TOKEN_B,)
+    assert await store.tombstoned_tokens(CAL, clock.now() + 30 * DAY - 1) == {TOKEN}
+    assert await store.tombstoned_tokens(CAL, clock.now() + 30 * DAY) == set()
+    assert (worker.dropped_tokens, worker.failed, worker.sent) == (1, 1, 1)
+    assert not worker.breaker_open
+    logged = [
+        json.dumps(vars(record), default=str)
+        for record in caplog.records
+        if record.name.startswith("daemon")
+    ]
+    assert any("fcm_token_dropped" in line for line in logged)
+    assert not any(TOKEN in line for line in logged)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_other_400_fails_at_once_with_fcms_message(store, clock, emu, make_worker):
+    worker = make_worker()
+    await store.put_room(CAL, "Room", [TOKEN], clock.now())
+    emu.fcm.fail(TOKEN, 400, message="Invalid data payload key: from")
+    notification = await publish(store, clock)
+    assert await worker.run_once() == 1
+    failed = await delivery(store, notification, TOKEN)
+    assert (failed.state, failed.attempts) == ("failed", 1)
+    assert failed.last_error == "INVALID_ARGUMENT (HTTP 400): Invalid data payload key: from"
+    assert (await store.get_room(CAL)).firebase_tokens == (TOKEN,)  # the token stays
+    assert await store.next_delivery_due() is None
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_unavailable_twice_then_sent_on_the_clock(store, clock, emu, make_worker):
+    worker = make_worker()
+    emu.fcm.fail(TOKEN, 503, count=2)
+    notification = await publish(store, clock)
+    start = clock.now()
+    assert await worker.run_once() == 1
+    first = await delivery(store, notification, TOKEN)
+    assert (first.state, first.attempts) == ("pending", 1)
+    assert first.last_error == "UNAVAILABLE (HTTP 503): The service is currently unavailable."
+    assert 5 <= first.next_attempt_at - start <= 10  # backoff with jitter, from 10 s
+    assert await store.next_delivery_due() == first.next_attempt_at
+
+    assert await worker.run_once() == 0
+    clock.set(first.next_attempt_at - 0.01)
+    assert await worker.run_once() == 0
+    assert emu.fcm.attempts(TOKEN) == 1
+
+    clock.set(first.next_attempt_at)
+    assert await worker.run_once() == 1
+    second = await delivery(store, notification, TOKEN)
+    assert (second.state, second.attempts) == ("pending", 2)
+    assert 10 <= second.next_attempt_at - clock.now() <= 20
+    clock.set(second.next_attempt_at - 0.01)
+    assert await worker.run_once() == 0
+    assert emu.fcm.attempts(TOKEN) == 2 and emu.fcm.messages(TOKEN) == []
+
+    clock.set(second.next_attempt_at)
+    assert await worker.run_once() == 1
+    sent = await delivery(store, notification, TOKEN)
+    assert (sent.state, sent.attempts) == ("sent", 3)
+    assert len(emu.fcm.messages(TOKEN)) == 1
+    assert (worker.retried, worker.sent) == (2, 1)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_retry_after_is_honoured(store, clock, emu, make_worker):
+    worker = make_worker()
+    emu.fcm.fail(TOKEN, 429, retry_after=120)
+    notification = await publish(store, clock)
+    start = clock.now()
+    assert await worker.run_once() == 1
+    waiting = await delivery(store, notification, TOKEN)
+    assert waiting.next_attempt_at == start + 120  # Retry-After beats the 5-10 s backoff
+    assert waiting.last_error.startswith("QUOTA_EXCEEDED (HTTP 429)")
+    clock.set(start + 119.9)
+    assert await worker.run_once() == 0
+    assert emu.fcm.attempts(TOKEN) == 1
+    clock.set(start + 120)
+    assert await worker.run_once() == 1
+    assert (await delivery(store, notification, TOKEN)).state == "sent"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_max_attempts_then_failed_with_the_last_error(store, clock, emu, make_worker):
+    worker = make_worker(fcm={"max_attempts": 3})
+    emu.fcm.fail(TOKEN, 500, count=2)
+    emu.fcm.fail(TOKEN, 503, count=5)
+    notification = await publish(store, clock)
+    await run_until_settled(worker, store, clock)
+    failed = await delivery(store, notification, TOKEN)
+    assert (failed.state, failed.attempts) == ("failed", 3)
+    assert failed.last_error == (
+        "UNAVAILABLE (HTTP 503): The service is currently unavailable. (gave up after 3 attempts)"
+    )
+    assert emu.fcm.attempts(TOKEN) == 3
+    assert (worker.retried, worker.failed, worker.sent) == (2, 1, 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_every_delivery_ends_final_none_lost(store, clock, emu, backend, make_worker):
+    worker = make_worker(fcm={"max_attempts": 3}, backend=backend_settings(backend, max_attempts=2))
+    tokens = [tok(f"m{i}") for i in range(8)]
+    await store.put_room(CAL, "Room", tokens, clock.now())
+    emu.fcm.set_state(tokens[0], "unregistered")
+    emu.fcm.fail(tokens[1], 503, count=100)
+    emu.fcm.fail(tokens[2], 400, count=100)
+    emu.fcm.fail(tokens[3], 429, count=1, retry_after=30)
+    emu.fcm.fail(tokens[4], 500, count=1)
+    backend.answer(500, {"errors": [{"message": "down"}]}, count=100)
+    published = [await publish(store, clock, tokens, notify=True) for _ in range(3)]
+    await run_until_settled(worker, store, clock)
+    found = await states(store, *published)
+    assert len(found) == 3 * 9 and set(found) <= FINAL_DELIVERY_STATES
+    assert await store.count_deliveries("pending") == await store.count_deliveries("in_flight") == 0
+    assert found.count("sent") == worker.sent == 3 * 5
+    assert found.count("cancelled") == 3 * 9 - worker.sent - worker.failed
+    assert found.count("failed") == worker.failed
+    assert found.count("failed") + found.count("cancelled") == 3 * 4
+
+
+# -- the SENDER_ID_MISMATCH breaker --------------------------------------------------------
+
+
+def breaker_log(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "fcm_sender_id_mismatch_breaker_open"]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_five_mismatching_tokens_are_dropped_breaker_stays_closed(
+    store, clock, emu, make_worker, caplog
+):
+    worker = make_worker()  # mismatch_breaker 5: "more than 5" opens it
+    tokens = [tok(f"x{i}") for i in range(5)]
+    await store.put_room(CAL, "Room", tokens, clock.now())
+    for token in tokens:
+        emu.fcm.set_state(token, "sender_id_mismatch")
+    notification = await publish(store, clock, tokens)
+    assert await worker.run_once() == 5
+    assert not worker.breaker_open
+    await worker.check()
+    assert await states(store, notification) == ["failed"] * 5
+    stored = await store.get_notification(notification.id)
+    assert all(
+        d.last_error == "SENDER_ID_MISMATCH (HTTP 403): SenderId mismatch; token dropped"
+        for d in stored.deliveries
+    )
+    assert await store.tombstoned_tokens(CAL, clock.now()) == set(tokens)
+    assert worker.dropped_tokens == 5
+    assert breaker_log(caplog) == []
+
+    # A sixth token a minute later: the first five are out of the window.
+    clock.advance(MISMATCH_WINDOW)
+    late = tok("late")
+    await store.add_tokens(CAL, [late], clock.now(), respect_tombstones=True)
+    emu.fcm.set_state(late, "sender_id_mismatch")
+    await publish(store, clock, (late,))
+    assert await worker.run_once() == 1
+    assert not worker.breaker_open
+    assert worker.dropped_tokens == 6
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make_worker, caplog):
+    worker = make_worker()
+    bad = [tok(f"x{i}") for i in range(7)]
+    good = tok("good")
+    await store.put_room(CAL, "Room", [*bad, good], clock.now())
+    for token in bad:
+        emu.fcm.set_state(token, "sender_id_mismatch")
+
+    # Six different tokens mismatch at once: five are dropped, the sixth opens the breaker.
+    first = await publish(store, clock, bad[:6])
+    opened_at = clock.now()
+    assert await worker.run_once() == 6
+    assert worker.breaker_open
+    stored = await store.get_notification(first.id)
+    held = [d for d in stored.deliveries if d.state == "pending"]
+    assert len(held) == 1 and len(await store.tombstoned_tokens(CAL, clock.now())) == 5
+    [kept] = held
+    assert kept.attempts == 0
+    assert kept.next_attempt_at == opened_at + PROBE_INTERVAL
+    assert kept.last_error.startswith("held: SENDER_ID_MISMATCH breaker open")
+    assert worker.dropped_tokens == 5
+    assert len(breaker_log(caplog)) == 1 and breaker_log(caplog)[0].levelno == logging.ERROR
+    with pytest.raises(RuntimeError, match="SENDER_ID_MISMATCH breaker open"):
+        await worker.check()
+
+    # While open: FCM deliveries are held without an attempt, no token is dropped.
+    second = await publish(store, clock, (good, bad[6]))
+    attempts_before = emu.fcm.requests
+    assert await worker.run_once() == 2
+    assert emu.fcm.requests == attempts_before
+    assert await states(store, second) == ["pending", "pending"]
+    assert all(d.attempts == 0 for d in (await store.get_notification(second.id)).deliveries)
+    room = await store.get_room(CAL)
+    assert kept.target.token in room.firebase_tokens and bad[6] in room.firebase_tokens
+    assert len(breaker_log(caplog)) == 1
+
+    # The probe: one delivery tried alone; a mismatch keeps the breaker open.
+    clock.set(opened_at + PROBE_INTERVAL)
+    assert await worker.run_once() == 1
+    assert emu.fcm.requests == attempts_before + 1
+    assert emu.fcm.attempts(kept.target.token) == 2  # the oldest held delivery was the probe
+    assert worker.breaker_open and worker.dropped_tokens == 5
+    probed_at = clock.now()
+    assert await worker.run_once() == 2  # the others: held until the next probe
+    assert emu.fcm.requests == attempts_before + 1
+    assert await store.next_delivery_due() == probed_at + PROBE_INTERVAL
+
+    # FCM accepts again (the project was put right): the next probe is sent and closes it.
+    for token in bad:
+        emu.fcm.set_state(token, "valid")
+    clock.set(probed_at + PROBE_INTERVAL)
+    assert await worker.run_once() == 1
+    assert not worker.breaker_open
+    await worker.check()
+    await run_until_settled(worker, store, clock)
+    assert await states(store, second) == ["sent", "sent"]
+    assert (await delivery(store, first, kept.target.token)).state == "sent"
+    assert await store.count_deliveries("pending") == 0
+    assert len(await store.tombstoned_tokens(CAL, clock.now())) == 5
+    assert len(breaker_log(caplog)) == 1
+
+
+# -- leases, restarts, stop ------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("recovery", ["release_claims", "lease_expiry"])
+async def test_a_claim_survives_a_crash(clock, emu, make_worker, tmp_path, recovery):
+    path = str(tmp_path / "crash.sqlite3")
+    crashed = SqliteStore(path)
+    await crashed.open()
+    notification = await publish(crashed, clock)
+    # A worker claims the delivery and dies before recording anything.
+    [claimed] = await crashed.claim_deliveries(clock.now(), clock.now() + 95)
+    await crashed.close()
+
+    reopened = SqliteStore(path)
+    await reopened.open()
+    try:
+        worker = make_worker(store=reopened)
+        assert await worker.run_once() == 0  # still claimed by the dead worker
+        if recovery == "release_claims":
+            assert await reopened.release_claims() == 1
+        else:
+            assert await reopened.next_delivery_due() == claimed.lease_until
+            clock.set(claimed.lease_until)
+        assert await worker.run_once() == 1
+        sent = await delivery(reopened, notification, TOKEN)
+        assert (sent.state, sent.attempts) == ("sent", 1)
+        assert len(emu.fcm.messages(TOKEN)) == 1
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_worker_leases_cover_the_attempt(store, clock, emu, make_worker):
+    worker = make_worker()
+    emu.fcm.delay(TOKEN, 30)
+    notification = await publish(store, clock)
+    running = asyncio.ensure_future(worker.run_once())
+    await emu.fcm.wait_for_attempts(TOKEN, 1)
+    in_flight = await delivery(store, notification, TOKEN)
+    assert in_flight.state == "in_flight"
+    assert in_flight.lease_until >= clock.now() + 2 * 5 + 30
+    emu.fcm.release()
+    assert await running == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_run_loop_sends_and_retries_on_the_clock_then_stops(store, clock, emu, make_worker):
+    worker = make_worker()
+    runner = asyncio.ensure_future(worker.run())
+    emu.fcm.fail(TOKEN, 503)
+    notification = await publish(store, clock)
+    worker.wake()
+    await emu.fcm.wait_for_attempts(TOKEN, 1)
+    await worker.drain(5)
+    waiting = await delivery(store, notification, TOKEN)
+    assert (waiting.state, waiting.attempts) == ("pending", 1)
+    clock.set(waiting.next_attempt_at)
+    await emu.fcm.wait_for(TOKEN, 1)
+    await worker.drain(5)
+    assert (await delivery(store, notification, TOKEN)).state == "sent"
+    await worker.stop(5)
+    assert runner.done() and runner.exception() is None
+    assert emu.fcm.attempts(TOKEN) == 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_stop_leaves_an_unfinished_attempt_for_the_next_start(store, clock, emu, make_worker):
+    """The one duplicate the contract allows: FCM accepts after the process gave up."""
+    worker = make_worker()
+    runner = asyncio.ensure_future(worker.run())
+    emu.fcm.delay(TOKEN, 30)
+    notification = await publish(store, clock)
+    worker.wake()
+    await emu.fcm.wait_for_attempts(TOKEN, 1)
+    await worker.stop(0.2)
+    assert runner.done()
+    assert (await delivery(store, notification, TOKEN)).state == "in_flight"
+    emu.fcm.release()  # FCM accepts the abandoned request after all
+
+    assert await store.release_claims() == 1
+    again = make_worker()
+    assert await again.run_once() == 1
+    sent = await delivery(store, notification, TOKEN)
+    assert (sent.state, sent.attempts) == ("sent", 1)
+    assert len(await emu.fcm.wait_for(TOKEN, 2)) == 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_without_a_sender_deliveries_are_held_and_unready(store, clock, emu, make_worker):
+    worker = make_worker(with_sender=False)
+    notification = await publish(store, clock)
+    assert await worker.run_once() == 1
+    held = await delivery(store, notification, TOKEN)
+    assert (held.state, held.attempts) == ("pending", 0)
+    assert held.next_attempt_at > clock.now()
+    assert "not configured" in held.last_error
+    with pytest.raises(RuntimeError, match="not configured"):
+        await worker.check()
+
+
+# -- backend notify ----------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_backend_notify_uses_variables_and_bearer(store, clock, backend, make_worker):
+    worker = make_worker(backend=backend_settings(backend))
+    notification = await publish(store, clock, (), notify=True)
+    assert await worker.run_once() == 1
+    [request] = backend.requests
+    assert request["authorization"] == f"Bearer {BACKEND_TOKEN}"
+    assert request["content_type"] == "application/json"
+    assert request["body"] == {"query": NOTIFY_MUTATION, "variables": {"calendarId": CAL}}
+    assert CAL not in request["body"]["query"]
+    sent = await delivery(store, notification)
+    assert (sent.state, sent.attempts, sent.last_error) == ("sent", 1, None)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_backend_deliveries_of_a_calendar_due_together_make_one_call(
+    store, clock, backend, make_worker
+):
+    worker = make_worker(backend=backend_settings(backend))
+    published = [await publish(store, clock, (), notify=True) for _ in range(3)]
+    other = await publish(store, clock, (), notify=True, calendar=CAL_2)
+    assert await worker.run_once() == 4
+    calls = sorted(r["body"]["variables"]["calendarId"] for r in backend.requests)
+    assert calls == [CAL, CAL_2]
+    for notification in [*published, other]:
+        sent = await delivery(store, notification)
+        assert (sent.state, sent.attempts, sent.last_error) == ("sent", 1, None)
+    assert worker.sent == 4
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_one_backend_call_in_flight_per_calendar_and_one_waiting(
+    store, clock, backend, make_worker
+):
+    worker = make_worker(backend=backend_settings(backend))
+    backend.gate = asyncio.Event()
+    first = await publish(store, clock, (), notify=True)
+    calling = asyncio.ensure_future(worker.run_once())
+    await backend.wait_for(1)
+    later = [await publish(store, clock, (), notify=True) for _ in range(2)]
+    assert await worker.run_once() == 2  # claimed, waiting behind the call in flight
+    assert len(backend.requests) == 1
+    assert await states(store, *later) == ["in_flight", "in_flight"]
+
+    backend.gate.set()
+    assert await calling == 1
+    assert len(backend.requests) == 2  # the two waiting ones made a single call
+    assert await states(store, first, *later) == ["sent"] * 3
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_waiting_backend_deliveries_join_a_failed_calls_retry(
+    store, clock, backend, make_worker
+):
+    worker = make_worker(backend=backend_settings(backend))
+    backend.gate = asyncio.Event()
+    backend.answer(500, {"error": "boom"})
+    first = await publish(store, clock, (), notify=True)
+    calling = asyncio.ensure_future(worker.run_once())
+    await backend.wait_for(1)
+    later = await publish(store, clock, (), notify=True)
+    assert await worker.run_once() == 1
+    backend.gate.set()
+    await calling
+    failed_call = await delivery(store, first)
+    waited = await delivery(store, later)
+    assert (failed_call.state, failed_call.attempts) == ("pending", 1)
+    assert (waited.state, waited.attempts) == ("pending", 0)
+    assert waited.next_attempt_at == failed_call.next_attempt_at
+    assert len(backend.requests) == 1
+
+    clock.set(failed_call.next_attempt_at)
+    assert await worker.run_once() == 2
+    assert len(backend.requests) == 2
+    assert await states(store, first, later) == ["sent", "sent"]
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (500, {"errors": [{"message": "down"}]}, "the backend answered HTTP 500"),
+        (
+            200,
+            {"data": None, "errors": [{"message": "Room not found"}]},
+            "the backend answered GraphQL errors: Room not found",
+        ),
+    ],
+)
+async def test_backend_failure_is_retried(store, clock, backend, make_worker, status, body, error):
+    worker = make_worker(backend=backend_settings(backend))
+    backend.answer(status, body)
+    notification = await publish(store, clock, (), notify=True)
+    assert await worker.run_once() == 1
+    waiting = await delivery(store, notification)
+    assert (waiting.state, waiting.attempts, waiting.last_error) == ("pending", 1, error)
+    clock.set(waiting.next_attempt_at - 0.01)
+    assert await worker.run_once() == 0
+    clock.set(waiting.next_attempt_at)
+    assert await worker.run_once() == 1
+    sent = await delivery(store, notification)
+    assert (sent.state, sent.attempts) == ("sent", 2)
+    assert len(backend.requests) == 2
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_backend_retry_after_and_max_attempts(store, clock, backend, make_worker):
+    worker = make_worker(backend=backend_settings(backend, max_attempts=2))
+    backend.answer(429, {"errors": [{"message": "slow down"}]}, Retry_After="300")
+    backend.answer(503, {"errors": [{"message": "down"}]})
+    notification = await publish(store, clock, (), notify=True)
+    start = clock.now()
+    assert await worker.run_once() == 1
+    waiting = await delivery(store, notification)
+    assert waiting.next_attempt_at == start + 300
+    clock.set(start + 300)
+    assert await worker.run_once() == 1
+    failed = await delivery(store, notification)
+    assert (failed.state, failed.attempts) == ("failed", 2)
+    assert failed.last_error == "the backend answered HTTP 503 (gave up after 2 attempts)"
