@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tornado import web
@@ -17,6 +19,8 @@ from daemon.channels import ChannelManager
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config
 from daemon.configfile import ConfigError, LoadedConfig, Secrets
+from daemon.delivery import DeliveryWorker
+from daemon.fcm import FcmSender, make_sender
 from daemon.google_calendar import GoogleCalendar
 from daemon.metrics import Metrics
 from daemon.refresh import Refresher
@@ -32,6 +36,8 @@ access_log = logging.getLogger("mrm_push.access")
 
 READINESS_TIMEOUT = 5.0
 CHANNEL_UPKEEP_INTERVAL = 15.0  # seconds between background channel retries and stop attempts
+FCM_THREADS = 8  # pyfcm sends and credential refreshes at once (firebase-admin sends are async)
+DELIVERY_DRAIN = 2.0  # seconds at shutdown for FCM attempts in flight
 
 
 class Service:
@@ -58,12 +64,22 @@ class Service:
         self.syncer = Syncer(
             self.store, self.google, self.clock, self.config, on_published=self._published
         )
+        # Blocking FCM work (credential refresh; pyfcm's requests) runs here, never on the loop.
+        self.fcm_executor = ThreadPoolExecutor(FCM_THREADS, thread_name_prefix="fcm")
+        self.fcm_sender = self._make_fcm_sender()
+        self.delivery = DeliveryWorker(
+            self.store, self.fcm_sender, self.clock, self.config, self.secrets.backend_token
+        )
+        self._delivery_task: asyncio.Task[None] | None = None
         # Called for each publication (delivery, fan-out); a list so later parts add theirs.
-        self.publication_listeners: list[Callable[[Notification], None]] = []
+        self.publication_listeners: list[Callable[[Notification], None]] = [
+            lambda _notification: self.delivery.wake()
+        ]
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {
             "storage": self.store.ping,
             "google": self._google_ready,
+            "fcm": self.delivery.check,
         }
         self.periodic: dict[str, PeriodicCallback] = {}
         self._periodic_work: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
@@ -103,6 +119,25 @@ class Service:
             raise ConfigError(
                 f"google.service_account_file: cannot use {google.service_account_file} ({error})"
             ) from None
+
+    def _make_fcm_sender(self) -> FcmSender | None:
+        fcm = self.config.fcm
+        if not fcm.service_account_file:
+            log.warning(
+                "fcm_not_configured",
+                extra={"reason": "fcm.service_account_file is not set; tablets get nothing"},
+            )
+            return None
+        project_id = fcm.project_id or _key_project_id(fcm.service_account_file)
+        return make_sender(
+            fcm.backend,
+            service_account_file=fcm.service_account_file,
+            project_id=project_id,
+            endpoint=fcm.endpoint,
+            attempt_timeout=fcm.attempt_timeout,
+            executor=self.fcm_executor,
+            clock=self.clock,
+        )
 
     async def _google_ready(self) -> None:
         if self.google is None:
@@ -171,6 +206,7 @@ class Service:
         )
         self.server.add_sockets(self.sockets)
         await self._recover()
+        self._delivery_task = asyncio.get_running_loop().create_task(self.delivery.run())
         for callback in self.periodic.values():
             callback.start()
         log.info("listening", extra={"host": server.host, "port": self.port})
@@ -181,6 +217,7 @@ class Service:
         if self._recovered:
             return
         try:
+            # Claims of a previous run (it crashed, or stopped mid-attempt) go back to pending.
             released = await self.store.release_claims()
             await self.channels.recover_after_restart()
             await self.syncer.resume()
@@ -208,6 +245,14 @@ class Service:
         await self.channels.drain(1.0)
         await self.syncer.drain(1.0)
         self.syncer.close()
+        # Attempts in flight get a moment to finish; what is left stays claimed and is released
+        # (sent again) at the next start: at least once.
+        await self.delivery.stop(DELIVERY_DRAIN)
+        if self._delivery_task is not None:
+            await asyncio.gather(self._delivery_task, return_exceptions=True)
+        if self.fcm_sender is not None:
+            await self.fcm_sender.close()
+        self.fcm_executor.shutdown(wait=False, cancel_futures=True)
         if self.server is not None:
             await self.server.close_all_connections()
         if self.google is not None:
@@ -253,3 +298,15 @@ class Service:
             "remote": request.remote_ip,
         }
         access_log.log(level, "request", extra=extra)
+
+
+def _key_project_id(key_file: str) -> str:
+    """The Firebase project of a service-account key, when fcm.project_id does not say."""
+    try:
+        with open(key_file, encoding="utf-8") as stream:
+            project_id = json.load(stream).get("project_id")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"fcm.service_account_file: cannot use {key_file} ({error})") from None
+    if not isinstance(project_id, str) or not project_id:
+        raise ConfigError("fcm.project_id: not set, and the key file names no project_id")
+    return project_id

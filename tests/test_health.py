@@ -28,11 +28,13 @@ async def test_readyz_reports_each_check(make_service):
     assert body["checks"]["google"] == (
         "RuntimeError: not configured: google.service_account_file is not set"
     )
+    assert "not configured" in body["checks"]["fcm"]
 
     async def fine() -> None:
         return None
 
     service.readiness_checks["google"] = fine
+    service.readiness_checks["fcm"] = fine
     status, body = await call(service, "GET", "/readyz", key=None)
     assert status == 200 and body["status"] == "ready"
 
@@ -44,7 +46,11 @@ async def test_readyz_reports_each_check(make_service):
     assert status == 503
     assert body == {
         "status": "unready",
-        "checks": {"storage": "connection refused by 127.0.0.1:27017", "google": "ok"},
+        "checks": {
+            "storage": "connection refused by 127.0.0.1:27017",
+            "google": "ok",
+            "fcm": "ok",
+        },
     }
     assert "mrm_push_ready 0.0" in (await call(service, "GET", "/metrics"))[1]
 

@@ -1,0 +1,119 @@
+"""The whole notification path over real HTTP: Google's webhook in, FCM out, the API's view."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+import pytest
+
+from tests.fixtures import call, clock, emulator, make_service  # noqa: F401
+
+ROOM = "room-1@resource.calendar.google.com"
+PATH = "/v1/rooms/" + quote(ROOM)
+TABLET = "tablet-token-" + "a" * 40
+OTHER_TABLET = "tablet-token-" + "b" * 40
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_event_change_reaches_every_tablet_once(make_service, emulator, clock):
+    service = await make_service(clock=clock, emulator=emulator)
+    status, _ = await call(service, "PUT", PATH, {"firebase_tokens": [TABLET, OTHER_TABLET]})
+    assert status == 201
+    await emulator.google.drain()
+    event = emulator.google.insert_event(ROOM, summary="Standup")
+    await emulator.fcm.wait_for(TABLET, 1, 10)
+    await emulator.fcm.wait_for(OTHER_TABLET, 1, 10)
+    [message] = emulator.fcm.messages(TABLET)
+    data = message["message"]["data"]
+    assert data["type"] == "calendar_changed" and data["calendar_id"] == ROOM
+    assert json.loads(data["event_ids"]) == [event["id"]]
+    assert data["full_resync"] == "0" and data["resource_state"] == "exists"
+    assert data["seq"] == "1"
+    android = message["message"]["android"]
+    assert android["priority"] == "high" and android["collapse_key"] == ROOM
+    await service.delivery.drain(5)
+    status, page = await call(service, "GET", "/v1/notifications?calendar_id=" + quote(ROOM))
+    assert status == 200
+    [notification] = page["notifications"]
+    assert notification["seq"] == 1 and notification["source"] == "webhook"
+    assert notification["changes"][0]["event_id"] == event["id"]
+    assert notification["changes"][0]["summary"] == "Standup"
+    assert {d["state"] for d in notification["deliveries"]} == {"sent"}
+    assert page["next_after"] == 1 and page["store_epoch"]
+    # A second change: seq 2, and each tablet has exactly two messages.
+    emulator.google.cancel_event(ROOM, event["id"])
+    await emulator.fcm.wait_for(TABLET, 2, 10)
+    await emulator.fcm.wait_for(OTHER_TABLET, 2, 10)
+    await emulator.google.drain()
+    await service.syncer.drain(5)
+    await service.delivery.drain(5)
+    assert len(emulator.fcm.messages(TABLET)) == 2
+    _, page = await call(service, "GET", "/v1/notifications?after=1")
+    [second] = page["notifications"]
+    assert second["seq"] == 2 and second["changes"][0]["status"] == "cancelled"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_unregistered_tablet_leaves_the_room(make_service, emulator, clock):
+    service = await make_service(clock=clock, emulator=emulator)
+    await call(service, "PUT", PATH, {"firebase_tokens": [TABLET, OTHER_TABLET]})
+    await emulator.google.drain()
+    emulator.fcm.set_state(OTHER_TABLET, "unregistered")
+    emulator.google.insert_event(ROOM, summary="Review")
+    await emulator.fcm.wait_for(TABLET, 1, 10)
+    await emulator.fcm.wait_for_attempts(OTHER_TABLET, 1, 10)
+    await service.delivery.drain(5)
+    _, room = await call(service, "GET", PATH + "?full=1")
+    assert room["firebase_tokens"] == [TABLET]
+    assert await service.store.tombstoned_tokens(ROOM, clock.now()) == {OTHER_TABLET}
+    _, page = await call(service, "GET", "/v1/notifications")
+    states = {d["token"]: d["state"] for d in page["notifications"][0]["deliveries"]}
+    assert states == {TABLET[-8:]: "sent", OTHER_TABLET[-8:]: "failed"} or states == {
+        OTHER_TABLET[-8:]: "failed",
+        TABLET[-8:]: "sent",
+    }
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_notifications_page_limits_and_unpublished(make_service, emulator, clock):
+    service = await make_service(clock=clock, emulator=emulator)
+    await call(service, "PUT", PATH, {"firebase_tokens": [TABLET]})
+    await emulator.google.drain()
+    for number in range(3):
+        emulator.google.insert_event(ROOM, summary=f"meeting {number}")
+        await emulator.fcm.wait_for(TABLET, number + 1, 10)
+    await service.syncer.drain(5)
+    _, page = await call(service, "GET", "/v1/notifications?limit=2")
+    assert [n["seq"] for n in page["notifications"]] == [1, 2] and page["next_after"] == 2
+    _, page = await call(service, "GET", "/v1/notifications?after=2&limit=2")
+    assert [n["seq"] for n in page["notifications"]] == [3] and page["next_after"] == 3
+    _, page = await call(service, "GET", "/v1/notifications?after=3")
+    assert page["notifications"] == [] and page["next_after"] == 3
+    for bad in ("limit=0", "limit=501", "after=-1", "after=x", "calendar_id="):
+        status, body = await call(service, "GET", "/v1/notifications?" + bad)
+        assert status == 400 and body["error"]["status"] == 400, bad
+    # A webhook whose sync finds nothing new is kept, unpublished, for operators only.
+    [channel] = await service.store.list_channels(ROOM)
+    headers = {
+        "X-Goog-Channel-ID": channel.id,
+        "X-Goog-Message-Number": str(channel.last_message_number + 1000),
+        "X-Goog-Resource-ID": channel.resource_id,
+        "X-Goog-Resource-State": "exists",
+        "X-Goog-Channel-Token": channel.token,
+    }
+    assert (await call(service, "POST", "/notifications", key=None, headers=headers))[0] == 200
+    await service.syncer.drain(5)
+    _, page = await call(service, "GET", "/v1/notifications")
+    assert len(page["notifications"]) == 3
+    _, page = await call(service, "GET", "/v1/notifications?include_unpublished=1")
+    assert [n["state"] for n in page["notifications"]][-1] == "skipped"
+    assert page["notifications"][-1]["seq"] is None
+    assert len(emulator.fcm.messages(TABLET)) == 3
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_readyz_with_the_emulator_is_ready(make_service, emulator, clock):
+    service = await make_service(clock=clock, emulator=emulator)
+    status, body = await call(service, "GET", "/readyz", key=None)
+    assert (status, body["checks"]) == (200, {"storage": "ok", "google": "ok", "fcm": "ok"})
