@@ -72,8 +72,10 @@ class Service:
         )
         self._delivery_task: asyncio.Task[None] | None = None
         # Called for each publication (delivery, fan-out); a list so later parts add theirs.
+        self.metrics.watch_deliveries(self.delivery)
         self.publication_listeners: list[Callable[[Notification], None]] = [
-            lambda _notification: self.delivery.wake()
+            lambda _notification: self.delivery.wake(),
+            lambda notification: self.metrics.published.labels(notification.source).inc(),
         ]
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {

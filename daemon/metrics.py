@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -10,7 +13,9 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -42,6 +47,52 @@ class Metrics:
         self.ready = Gauge(
             "mrm_push_ready", "1 when the last /readyz check passed.", registry=self.registry
         )
+        self.published = Counter(
+            "mrm_push_notifications_published",
+            "Notifications published (given a seq and deliveries), by source.",
+            ["source"],
+            registry=self.registry,
+        )
+
+    def watch_deliveries(self, worker: DeliveryCounts) -> None:
+        """Export the delivery worker's own counters, read at each scrape."""
+        self.registry.register(_DeliveryCollector(worker))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DeliveryCounts(Protocol):
+    sent: int
+    failed: int
+    retried: int
+    dropped_tokens: int
+    held: int
+
+    @property
+    def breaker_open(self) -> bool: ...
+
+
+class _DeliveryCollector(Collector):
+    def __init__(self, worker: DeliveryCounts) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        outcomes = CounterMetricFamily(
+            "mrm_push_deliveries",
+            "Delivery attempts' outcomes (FCM and backend), by outcome.",
+            labels=["outcome"],
+        )
+        for outcome in ("sent", "failed", "retried", "held"):
+            outcomes.add_metric([outcome], getattr(self.worker, outcome))
+        yield outcomes
+        yield CounterMetricFamily(
+            "mrm_push_fcm_tokens_dropped",
+            "FCM tokens that left their room (unregistered, invalid, sender mismatch).",
+            value=self.worker.dropped_tokens,
+        )
+        yield GaugeMetricFamily(
+            "mrm_push_fcm_mismatch_breaker_open",
+            "1 while the SENDER_ID_MISMATCH breaker holds FCM deliveries.",
+            value=1 if self.worker.breaker_open else 0,
+        )

@@ -41,6 +41,10 @@ async def test_an_event_change_reaches_every_tablet_once(make_service, emulator,
     assert notification["changes"][0]["summary"] == "Standup"
     assert {d["state"] for d in notification["deliveries"]} == {"sent"}
     assert page["next_after"] == 1 and page["store_epoch"]
+    _, text = await call(service, "GET", "/metrics")
+    assert 'mrm_push_notifications_published_total{source="webhook"} 1.0' in text
+    assert 'mrm_push_deliveries_total{outcome="sent"} 2.0' in text
+    assert "mrm_push_fcm_mismatch_breaker_open 0.0" in text
     # A second change: seq 2, and each tablet has exactly two messages.
     emulator.google.cancel_event(ROOM, event["id"])
     await emulator.fcm.wait_for(TABLET, 2, 10)
