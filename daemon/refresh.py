@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from daemon.config import Config
+from daemon.ids import calendar_id_problem, valid_token
 from daemon.rooms import Rooms
 from storage.base import Store
 
@@ -19,8 +19,6 @@ log = logging.getLogger(__name__)
 
 # The same limits the management API puts on calendar ids and tokens (handlers/rooms.py), so
 # that refresh never stores what a PUT would refuse.
-CALENDAR_ID_MAX = 1024
-TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_\-:.]{1,4096}")
 
 
 class BackendError(Exception):
@@ -76,9 +74,7 @@ def find_rooms(data: Any) -> list[dict[str, Any]] | None:
 
 
 def valid_calendar_id(calendar_id: str) -> bool:
-    return 0 < len(calendar_id) <= CALENDAR_ID_MAX and not any(
-        ord(c) < 0x20 or ord(c) == 0x7F for c in calendar_id
-    )
+    return calendar_id_problem(calendar_id) is None
 
 
 def graphql_errors(answer: dict[str, Any]) -> list[str]:
@@ -190,7 +186,7 @@ class Refresher:
         if not valid_calendar_id(calendar_id):
             summary.failed.append({"calendar_id": calendar_id, "reason": "invalid calendarId"})
             return
-        valid = [t for t in tokens if TOKEN_PATTERN.fullmatch(t)]
+        valid = [t for t in tokens if valid_token(t)]
         if len(valid) < len(tokens):
             reason = f"{len(tokens) - len(valid)} invalid firebaseToken(s) left out"
             summary.failed.append({"calendar_id": calendar_id, "reason": reason})

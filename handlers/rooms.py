@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from daemon.channels import current_of
 from daemon.clock import rfc3339
+from daemon.ids import TOKEN_RULE, calendar_id_problem, valid_token
 from handlers.base import ApiError, BaseHandler
 from storage.base import Channel, Room
 
-CALENDAR_ID_MAX = 1024
-# FCM registration tokens are URL-safe base64 with ':' (about 160 characters today).
-TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_\-:.]{1,4096}")
 ROOM_FIELDS = frozenset({"firebase_tokens", "firebase_token", "name"})
 
 
 def check_calendar_id(calendar_id: str) -> str:
-    if not calendar_id:
-        raise ApiError(400, "invalid_calendar_id", "calendar_id is empty")
-    if len(calendar_id) > CALENDAR_ID_MAX:
-        raise ApiError(400, "invalid_calendar_id", f"calendar_id is over {CALENDAR_ID_MAX} chars")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in calendar_id):
-        raise ApiError(400, "invalid_calendar_id", "calendar_id holds control characters")
+    problem = calendar_id_problem(calendar_id)
+    if problem is not None:
+        raise ApiError(400, "invalid_calendar_id", problem)
     return calendar_id
 
 
 def check_token(token: Any) -> str:
-    if not isinstance(token, str) or not TOKEN_PATTERN.fullmatch(token):
-        raise ApiError(400, "invalid_token", "a firebase token is 1-4096 of A-Z a-z 0-9 _ - : .")
-    return token
+    if not valid_token(token):
+        raise ApiError(400, "invalid_token", TOKEN_RULE)
+    return str(token)
 
 
 def room_tokens_from_body(body: dict[str, Any]) -> tuple[str | None, list[str] | None]:
