@@ -33,8 +33,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from daemon.backend import graphql_request
 from daemon.backoff import backoff_delay, retry_after_seconds
 from daemon.clock import Clock, rfc3339
 from daemon.config import Config
@@ -547,18 +548,8 @@ class DeliveryWorker:
         backend = self.config.backend
         if not backend.url:
             return NotifyResult(False, "backend.url is not set")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.backend_token:
-            headers["Authorization"] = f"Bearer {self.backend_token}"
         body = {"query": NOTIFY_MUTATION, "variables": {"calendarId": calendar_id}}
-        request = HTTPRequest(
-            backend.url,
-            method="POST",
-            headers=headers,
-            body=json.dumps(body),
-            request_timeout=backend.timeout,
-            connect_timeout=backend.timeout,
-        )
+        request = graphql_request(backend, self.backend_token, body)
         try:
             response = await AsyncHTTPClient().fetch(request)
         except HTTPClientError as error:

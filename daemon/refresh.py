@@ -8,8 +8,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from daemon.backend import graphql_request
 from daemon.config import Config
 from daemon.ids import calendar_id_problem, valid_token
 from daemon.rooms import Rooms
@@ -106,17 +107,7 @@ class Refresher:
         backend = self.config.backend
         if not backend.url:
             raise BackendNotConfigured("backend.url is not set")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = HTTPRequest(
-            backend.url,
-            method="POST",
-            headers=headers,
-            body=json.dumps({"query": backend.rooms_query}),
-            request_timeout=backend.timeout,
-            connect_timeout=backend.timeout,
-        )
+        request = graphql_request(backend, self.token, {"query": backend.rooms_query})
         try:
             response = await AsyncHTTPClient().fetch(request)
         except HTTPClientError as error:
