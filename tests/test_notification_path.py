@@ -121,3 +121,15 @@ async def test_readyz_with_the_emulator_is_ready(make_service, emulator, clock):
     service = await make_service(clock=clock, emulator=emulator)
     status, body = await call(service, "GET", "/readyz", key=None)
     assert (status, body["checks"]) == (200, {"storage": "ok", "google": "ok", "fcm": "ok"})
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_pyfcm_backend_delivers_too(make_service, emulator, clock):
+    service = await make_service({"fcm": {"backend": "pyfcm"}}, clock=clock, emulator=emulator)
+    await call(service, "PUT", PATH, {"firebase_tokens": [TABLET]})
+    await emulator.google.drain()
+    event = emulator.google.insert_event(ROOM, summary="Retro")
+    await emulator.fcm.wait_for(TABLET, 1, 10)
+    [message] = emulator.fcm.messages(TABLET)
+    assert json.loads(message["message"]["data"]["event_ids"]) == [event["id"]]
+    assert message["message"]["android"]["priority"] == "high"
