@@ -20,6 +20,7 @@ from daemon.clock import Clock, SystemClock
 from daemon.config import Config
 from daemon.configfile import ConfigError, LoadedConfig, Secrets
 from daemon.delivery import DeliveryWorker
+from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
 from daemon.google_calendar import GoogleCalendar
 from daemon.metrics import Metrics
@@ -77,6 +78,10 @@ class Service:
             lambda _notification: self.delivery.wake(),
             lambda notification: self.metrics.published.labels(notification.source).inc(),
         ]
+        # WebSocket fan-out (/ws): fed by publication, pings from one timer.
+        self.fanout = FanoutHub(self.store, self.config.websocket)
+        self.publication_listeners.append(self.fanout.publish)
+        self.metrics.watch_fanout(self.fanout)
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {
             "storage": self.store.ping,
@@ -89,6 +94,7 @@ class Service:
             "renew", self.channels.renew_due, self.config.google.renew_check_interval
         )
         self._add_periodic("channel_retries", self._channel_upkeep, CHANNEL_UPKEEP_INTERVAL)
+        self._add_periodic("websocket_ping", self.fanout.ping, self.config.websocket.ping_interval)
         if self.config.sync.poll_interval:
             self._add_periodic("poll", self.syncer.poll_all, self.config.sync.poll_interval)
         if self.config.backend.refresh_interval and self.config.backend.url:
@@ -198,6 +204,7 @@ class Service:
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Open the store (StoreConfigError stops the start) and listen."""
         await self.store.open()
+        await self.fanout.start()
         server = self.config.server
         self.sockets = sockets or bind_sockets(server.port, server.host)
         self.server = HTTPServer(
@@ -240,6 +247,7 @@ class Service:
     async def stop(self) -> None:
         """Stop accepting, stop periodic work, close connections and the store."""
         self.stopping = True
+        self.fanout.close_all()  # 1001 first: companion apps reconnect elsewhere or later
         if self.server is not None:
             self.server.stop()
         for callback in self.periodic.values():

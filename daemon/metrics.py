@@ -58,6 +58,10 @@ class Metrics:
         """Export the delivery worker's own counters, read at each scrape."""
         self.registry.register(_DeliveryCollector(worker))
 
+    def watch_fanout(self, hub: FanoutCounts) -> None:
+        """Export the WebSocket hub's counts, read at each scrape (nothing on the hot path)."""
+        self.registry.register(_FanoutCollector(hub))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -95,4 +99,47 @@ class _DeliveryCollector(Collector):
             "mrm_push_fcm_mismatch_breaker_open",
             "1 while the SENDER_ID_MISMATCH breaker holds FCM deliveries.",
             value=1 if self.worker.breaker_open else 0,
+        )
+
+
+class FanoutCounts(Protocol):
+    subscriptions: int
+    slow_consumer_closes: int
+    replays: int
+
+    @property
+    def connected(self) -> int: ...
+
+    @property
+    def frames_sent(self) -> int: ...
+
+
+class _FanoutCollector(Collector):
+    def __init__(self, hub: FanoutCounts) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        yield GaugeMetricFamily(
+            "mrm_push_websocket_clients", "WebSocket clients connected.", value=hub.connected
+        )
+        yield GaugeMetricFamily(
+            "mrm_push_websocket_subscriptions",
+            'Calendar subscriptions over all WebSocket clients ("*" counts one).',
+            value=hub.subscriptions,
+        )
+        yield CounterMetricFamily(
+            "mrm_push_websocket_frames_sent",
+            "WebSocket frames handed to client connections (notifications, answers, pings).",
+            value=hub.frames_sent,
+        )
+        yield CounterMetricFamily(
+            "mrm_push_websocket_slow_consumer_closes",
+            "WebSocket clients closed with 4008 because their backlog passed max_queue.",
+            value=hub.slow_consumer_closes,
+        )
+        yield CounterMetricFamily(
+            "mrm_push_websocket_replays",
+            "Replays of stored notifications (subscribe with after).",
+            value=hub.replays,
         )

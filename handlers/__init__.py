@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from handlers.base import AUTH_DECISIONS, BaseHandler
+from tornado import web
+
+from handlers.base import AUTH_DECISIONS
 
 
 class RouteWithoutAuth(Exception):
     """A route's handler names no auth decision: the service refuses to start."""
 
 
-def all_routes(webhook_path: str = "/notifications") -> list[tuple[str, type[BaseHandler]]]:
-    from handlers import health, legacy, notifications, refresh, rooms, webhook
+def all_routes(webhook_path: str = "/notifications") -> list[tuple[str, type[web.RequestHandler]]]:
+    from handlers import health, legacy, notifications, refresh, rooms, webhook, websocket
 
     return [
         *health.routes,
@@ -21,6 +23,7 @@ def all_routes(webhook_path: str = "/notifications") -> list[tuple[str, type[Bas
         *refresh.routes,
         *notifications.routes,
         *legacy.routes,
+        *websocket.routes,
         (re.escape(webhook_path), webhook.WebhookHandler),
     ]
 

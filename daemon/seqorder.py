@@ -1,0 +1,98 @@
+"""Publication announcements put back in seq order, with no gap, for the WebSocket fan-out.
+
+Syncs of different calendars run concurrently, so the announcement of seq 7 can come before
+the one of seq 6. A store shows seq N only once N-1 is committed (`publish_notification`), so
+when 7 is announced while 6 is not, 6 is readable already: it is read from the store rather
+than waited for (its announcement may never come, if its announcer failed). What is read and
+announced twice goes out once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from storage.base import Notification, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+FILL_PAGE = 500  # notifications read per step when filling a gap
+
+
+class InOrder:
+    """Calls `emit` once per published seq, in increasing seq order."""
+
+    def __init__(self, store: Store, emit: Callable[[Notification], None]) -> None:
+        self.store = store
+        self.emit = emit
+        # The highest seq emitted; None until known (the store may be down at start).
+        self.last: int | None = None
+        self._held: dict[int, Notification] = {}  # announced ahead of a lower seq
+        self._filler: asyncio.Task[None] | None = None
+        self.closed = False
+
+    async def start(self) -> None:
+        """Begin after what the store has published already."""
+        self.last = await self.store.last_seq()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._filler is not None:
+            self._filler.cancel()
+
+    def push(self, notification: Notification) -> None:
+        """A notification was published (a publication listener)."""
+        seq = notification.seq
+        if seq is None or self.closed:
+            return
+        if self.last is None:
+            self.last = seq - 1  # unknown at start: the first announcement sets the pace
+        if seq <= self.last:
+            return  # read from the store already, to fill a gap
+        if seq == self.last + 1 and not self._held:
+            self.last = seq
+            self.emit(notification)
+            return
+        self._held[seq] = notification
+        self._release()
+        if self._held and self._filler is None:
+            self._filler = asyncio.get_running_loop().create_task(self._fill())
+
+    def _release(self) -> None:
+        assert self.last is not None
+        while self.last + 1 in self._held:
+            self.last += 1
+            self.emit(self._held.pop(self.last))
+
+    async def _fill(self) -> None:
+        try:
+            while self._held and self.last is not None and not self.closed:
+                top = max(self._held)
+                found = await self._read(self.last, top)
+                for seq in sorted(set(found) | {s for s in self._held if s <= top}):
+                    notification = self._held.pop(seq, None) or found[seq]
+                    if seq > self.last:  # an announcement may have come during the read
+                        self.last = seq
+                        self.emit(notification)
+                # Up to `top` the store's answer is the whole truth (a seq it does not have was
+                # never published), or the read failed and the gap is given up.
+                self.last = max(self.last, top)
+                self._release()
+        finally:
+            self._filler = None
+
+    async def _read(self, after: int, up_to: int) -> dict[int, Notification]:
+        found: dict[int, Notification] = {}
+        try:
+            while after < up_to:
+                page = await self.store.list_notifications(
+                    after=after, up_to=up_to, limit=FILL_PAGE
+                )
+                found.update((n.seq, n) for n in page if n.seq is not None)
+                if len(page) < FILL_PAGE:
+                    break
+                after = max(found)
+        except StoreError as error:
+            log.warning("fanout_gap_unfilled", extra={"after": after, "reason": str(error)})
+        return found

@@ -1,0 +1,586 @@
+"""/ws with real WebSocket clients against the running service: the protocol of contract 5,
+replay and its seam, limits, slow consumers, pings and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from storage.base import Notification
+from tests.fixtures import API_KEY, call, clock, emulator, make_service  # noqa: F401
+
+TOKEN = "subscriber-token-sees-all-0123456789"
+LIMITED = "subscriber-token-room-a-only-0123456"
+ROOM_A = "room-a@resource.calendar.google.com"
+ROOM_B = "room-b@resource.calendar.google.com"
+ROOM_C = "room-c@resource.calendar.google.com"
+
+
+def overrides(**websocket: Any) -> dict[str, Any]:
+    return {
+        "auth": {
+            "subscribers": [
+                {"token": TOKEN, "calendars": ["*"]},
+                {"token": LIMITED, "calendars": [ROOM_A]},
+            ]
+        },
+        "websocket": websocket,
+    }
+
+
+async def connect(
+    service, token: str | None = TOKEN, *, query: bool = False, headers=None
+) -> WebSocketClientConnection:
+    url = f"ws://127.0.0.1:{service.port}/ws"
+    all_headers = dict(headers or {})
+    if token is not None and query:
+        url += "?access_token=" + quote(token)
+    elif token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    return await websocket_connect(HTTPRequest(url, headers=all_headers))
+
+
+async def refused(service, token: str | None = TOKEN, **kwargs: Any) -> tuple[int, Any]:
+    with pytest.raises(HTTPClientError) as caught:
+        await connect(service, token, **kwargs)
+    response = caught.value.response
+    assert response is not None
+    return caught.value.code, json.loads(response.body)
+
+
+async def send(ws: WebSocketClientConnection, message: Any) -> None:
+    await ws.write_message(message if isinstance(message, str) else json.dumps(message))
+
+
+async def receive(ws: WebSocketClientConnection) -> dict[str, Any]:
+    text = await ws.read_message()
+    assert text is not None, f"closed: {ws.close_code} {ws.close_reason}"
+    return json.loads(text)
+
+
+async def subscribe(ws, calendar_ids: list[str], **extra: Any) -> dict[str, Any]:
+    await send(ws, {"type": "subscribe", "calendar_ids": calendar_ids, **extra})
+    answer = await receive(ws)
+    assert answer["type"] == "subscribed", answer
+    return answer
+
+
+async def until_pong(ws) -> list[dict[str, Any]]:
+    """Everything the socket got before the answer to a ping (a barrier: frames keep order)."""
+    await send(ws, {"type": "ping"})
+    seen = []
+    while (message := await receive(ws))["type"] != "pong":
+        seen.append(message)
+    return seen
+
+
+def announce(service, notification: Notification) -> None:
+    for listener in service.publication_listeners:
+        listener(notification)
+
+
+async def store_one(service, calendar_id: str, size: int = 0) -> Notification:
+    """A notification published in the store (the syncer's step), not announced yet."""
+    store, now = service.store, service.clock.now()
+    received = await store.add_notification(calendar_id, "poll", "exists", received_at=now)
+    change = {
+        "event_id": f"event-{received.id}",
+        "status": "confirmed",
+        "updated": "2024-05-01T09:00:00Z",
+        "start": "2024-05-02T09:00:00Z",
+        "end": "2024-05-02T10:00:00Z",
+        "summary": "meeting " + "x" * size,
+    }
+    return await store.publish_notification(received.id, [change], False, [], now)
+
+
+async def publish(service, calendar_id: str, size: int = 0) -> Notification:
+    published = await store_one(service, calendar_id, size)
+    announce(service, published)
+    return published
+
+
+# -- before the upgrade ------------------------------------------------------------------------
+@pytest.mark.gen_test(timeout=20)
+async def test_tokens_are_checked_before_the_upgrade(make_service):
+    service = await make_service(overrides())
+    for token in (None, "wrong-token", API_KEY):
+        status, body = await refused(service, token)
+        assert status == 401 and body["error"]["code"] == "unauthorized", token
+    status, _ = await refused(service, "wrong-token", query=True)
+    assert status == 401
+    for ws in (await connect(service), await connect(service, LIMITED, query=True)):
+        assert (await until_pong(ws)) == []
+        ws.close()
+    # A plain GET with a good token is told this route speaks WebSocket only.
+    status, body = await call(service, "GET", "/ws", key=TOKEN)
+    assert status == 400 and body["error"]["code"] == "websocket_required"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_origins(make_service):
+    service = await make_service(overrides(allowed_origins=["https://app.example.com"]))
+    status, body = await refused(service, headers={"Origin": "https://evil.example.com"})
+    assert status == 403 and body["error"]["code"] == "origin_not_allowed"
+    cross = {"Origin": "https://evil.example.com", "Sec-Fetch-Site": "cross-site"}
+    assert (await refused(service, headers=cross))[0] == 403
+    for origin in ("https://app.example.com", f"http://127.0.0.1:{service.port}"):
+        ws = await connect(service, headers={"Origin": origin})
+        assert (await until_pong(ws)) == []
+        ws.close()
+    # A bad token is told so first, whatever its origin.
+    assert (await refused(service, "nope", headers={"Origin": "https://evil.example"}))[0] == 401
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_max_connections_is_503_before_the_upgrade(make_service):
+    service = await make_service(overrides(max_connections=1))
+    first = await connect(service)
+    status, body = await refused(service)
+    assert status == 503 and body["error"]["code"] == "too_many_connections"
+    first.close()
+    assert await first.read_message() is None  # the server answered the close: slot free
+    second = await connect(service)
+    assert (await until_pong(second)) == []
+
+
+# -- the protocol ------------------------------------------------------------------------------
+@pytest.mark.gen_test(timeout=20)
+async def test_subscribe_notification_unsubscribe_ping(make_service):
+    service = await make_service(overrides())
+    ws = await connect(service)
+    answer = await subscribe(ws, [ROOM_A])
+    assert answer == {
+        "type": "subscribed",
+        "calendar_ids": [ROOM_A],
+        "store_epoch": await service.store.store_epoch(),
+    }
+    await publish(service, ROOM_B)  # not subscribed: never sent
+    published = await publish(service, ROOM_A)
+    message = await receive(ws)
+    assert message == {
+        "type": "notification",
+        "id": published.id,
+        "seq": published.seq,
+        "calendar_id": ROOM_A,
+        "source": "poll",
+        "resource_state": "exists",
+        "changes": list(published.changes),
+        "full_resync": False,
+        "received_at": message["received_at"],
+    }
+    assert message["received_at"].endswith("Z")
+    assert await until_pong(ws) == []
+    await send(ws, {"type": "unsubscribe", "calendar_ids": [ROOM_A]})
+    assert await receive(ws) == {"type": "unsubscribed", "calendar_ids": [ROOM_A]}
+    await publish(service, ROOM_A)
+    assert await until_pong(ws) == []
+    # "*" with an all-seeing token: every calendar, each notification once.
+    assert (await subscribe(ws, ["*", ROOM_B]))["calendar_ids"] == ["*", ROOM_B]
+    for room in (ROOM_B, ROOM_C):
+        await publish(service, room)
+    assert [m["calendar_id"] for m in await until_pong(ws)] == [ROOM_B, ROOM_C]
+    await send(ws, {"type": "unsubscribe", "calendar_ids": ["*"]})
+    assert (await receive(ws))["type"] == "unsubscribed"
+    assert service.fanout.subscriptions == 0
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_forbidden_calendars_are_left_out(make_service):
+    service = await make_service(overrides())
+    ws = await connect(service, LIMITED)
+    assert (await subscribe(ws, [ROOM_A, ROOM_B]))["calendar_ids"] == [ROOM_A]
+    error = await receive(ws)
+    assert error["type"] == "error" and error["code"] == "forbidden_calendar"
+    assert error["calendar_id"] == ROOM_B
+    # "*" means every calendar this token may see.
+    assert (await subscribe(ws, ["*"]))["calendar_ids"] == [ROOM_A]
+    await publish(service, ROOM_B)
+    await publish(service, ROOM_A)
+    assert [m["calendar_id"] for m in await until_pong(ws)] == [ROOM_A]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_max_subscriptions(make_service):
+    service = await make_service(overrides(max_subscriptions=2))
+    ws = await connect(service)
+    assert (await subscribe(ws, [ROOM_A, ROOM_B, ROOM_C]))["calendar_ids"] == [ROOM_A, ROOM_B]
+    error = await receive(ws)
+    assert error["code"] == "too_many_subscriptions" and error["calendar_ids"] == [ROOM_C]
+    assert (await subscribe(ws, [ROOM_A]))["calendar_ids"] == [ROOM_A]  # held already: fine
+    assert await until_pong(ws) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_bad_frames_get_errors_and_the_third_closes_1008(make_service):
+    service = await make_service(overrides())
+    ws = await connect(service)
+    await send(ws, "not json")
+    assert (await receive(ws))["code"] == "invalid_json"
+    await send(ws, {"type": "subscribe", "calendar_ids": "room"})
+    assert (await receive(ws))["code"] == "invalid_message"
+    assert await until_pong(ws) == []  # good frames do not reset the count
+    await send(ws, {"type": "dance"})
+    assert await ws.read_message() is None
+    assert ws.close_code == 1008
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_each_kind_of_bad_frame(make_service):
+    service = await make_service(overrides())
+    for frame, code in (
+        ({"type": "dance"}, "unknown_type"),
+        ([1, 2], "invalid_message"),
+        ({"type": "subscribe", "calendar_ids": []}, "invalid_message"),
+        ({"type": "subscribe", "calendar_ids": [ROOM_A], "after": -1}, "invalid_message"),
+        ({"type": "subscribe", "calendar_ids": [ROOM_A], "after": True}, "invalid_message"),
+        ({"type": "unsubscribe", "calendar_ids": [""]}, "invalid_message"),
+    ):
+        ws = await connect(service)
+        await send(ws, frame)
+        error = await receive(ws)
+        assert (error["type"], error["code"]) == ("error", code), frame
+        ws.close()
+    ws = await connect(service)
+    await ws.write_message(b"\x00\x01", binary=True)
+    assert (await receive(ws))["code"] == "invalid_message"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_an_oversized_frame_closes_1009(make_service):
+    service = await make_service(overrides(max_message_size=256))
+    ws = await connect(service)
+    await send(ws, {"type": "ping", "padding": "x" * 200})  # under the limit
+    assert (await receive(ws))["type"] == "pong"
+    await send(ws, {"type": "ping", "padding": "x" * 1000})
+    assert await ws.read_message() is None
+    assert ws.close_code == 1009
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_large_notifications_use_16_and_64_bit_lengths(make_service):
+    service = await make_service(overrides())
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A])
+    for size in (100, 1000, 70_000):
+        published = await publish(service, ROOM_A, size)
+        message = await receive(ws)
+        assert message["seq"] == published.seq
+        assert len(message["changes"][0]["summary"]) == len("meeting ") + size
+
+
+# -- end to end --------------------------------------------------------------------------------
+@pytest.mark.gen_test(timeout=30)
+async def test_an_event_change_reaches_the_companion_app(make_service, emulator, clock):
+    service = await make_service(overrides(), clock=clock, emulator=emulator)
+    status, _ = await call(service, "PUT", "/v1/rooms/" + quote(ROOM_A), {"firebase_tokens": []})
+    assert status == 201
+    await emulator.google.drain()
+    ws = await connect(service, LIMITED)
+    await subscribe(ws, [ROOM_A])
+    event = emulator.google.insert_event(ROOM_A, summary="Standup")
+    message = await receive(ws)
+    assert message["type"] == "notification" and message["calendar_id"] == ROOM_A
+    assert message["source"] == "webhook" and message["seq"] == 1
+    [change] = message["changes"]
+    assert change["event_id"] == event["id"] and change["summary"] == "Standup"
+    emulator.google.cancel_event(ROOM_A, event["id"])
+    message = await receive(ws)
+    assert message["seq"] == 2 and message["changes"][0]["status"] == "cancelled"
+
+
+# -- replay ------------------------------------------------------------------------------------
+async def replay_of(ws) -> tuple[list[int], dict[str, Any]]:
+    seqs = []
+    while (message := await receive(ws))["type"] == "notification":
+        seqs.append(message["seq"])
+    assert message["type"] == "replayed", message
+    return seqs, message
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_replay_then_live(make_service):
+    service = await make_service(overrides())
+    rooms = [ROOM_A, ROOM_B, ROOM_A, ROOM_A, ROOM_B, ROOM_A]
+    published = [await publish(service, room) for room in rooms]
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A], after=2)
+    seqs, replayed = await replay_of(ws)
+    assert seqs == [n.seq for n in published if n.calendar_id == ROOM_A and n.seq > 2]
+    assert replayed == {"type": "replayed", "count": len(seqs), "complete": True}
+    live = await publish(service, ROOM_A)
+    assert (await receive(ws))["seq"] == live.seq
+    # Nothing newer than `after`: an empty, complete replay.
+    other = await connect(service)
+    await subscribe(other, ["*"], after=live.seq)
+    assert await replay_of(other) == ([], {"type": "replayed", "count": 0, "complete": True})
+    assert service.fanout.replays == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_seam_when_publication_happens_between_replay_pages(make_service):
+    service = await make_service(overrides())
+    before = [await publish(service, room) for room in [ROOM_A, ROOM_B] * 6]
+    service.fanout.replay_page = 2
+    store = service.store
+    read_page = store.list_notifications
+    during: list[Notification] = []
+
+    async def read_then_publish(*args: Any, **kwargs: Any) -> list[Notification]:
+        page = await read_page(*args, **kwargs)
+        if len(during) < 10:  # committed and announced while the replay is under way
+            during.append(await publish(service, ROOM_A if len(during) % 2 else ROOM_B))
+        return page
+
+    store.list_notifications = read_then_publish  # type: ignore[method-assign]
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A, ROOM_B], after=3)
+    seqs, replayed = await replay_of(ws)
+    store.list_notifications = read_page  # type: ignore[method-assign]
+    assert len(during) == 5  # 9 to replay, 2 a page: publication between every two reads
+    assert seqs == [n.seq for n in before if n.seq > 3]
+    assert replayed["count"] == len(seqs) and replayed["complete"] is True
+    after = [await publish(service, ROOM_A) for _ in range(2)]
+    live = [m["seq"] for m in await until_pong(ws)]
+    assert live == [n.seq for n in during + after]  # each once, in its place, in order
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_seam_under_concurrent_publishers(make_service):
+    service = await make_service(overrides())
+    for _ in range(30):
+        await publish(service, ROOM_A)
+    service.fanout.replay_page = 3
+    ws = await connect(service)
+
+    async def publishers() -> list[Notification]:
+        return list(await asyncio.gather(*(publish(service, ROOM_A) for _ in range(40))))
+
+    racing = asyncio.ensure_future(publishers())
+    await subscribe(ws, [ROOM_A], after=5)
+    seqs, replayed = await replay_of(ws)
+    assert replayed["complete"] is True
+    last = max(n.seq for n in await racing)
+    seqs += [m["seq"] for m in await until_pong(ws)]
+    assert seqs == list(range(6, last + 1))
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_announcements_out_of_order_still_go_out_in_seq_order(make_service):
+    service = await make_service(overrides())
+    ws = await connect(service)
+    await subscribe(ws, ["*"])
+    first, second, third = [await store_one(service, ROOM_A) for _ in range(3)]
+    announce(service, second)  # the first one's announcement is late: read from the store
+    announce(service, first)
+    announce(service, third)
+    assert [m["seq"] for m in await until_pong(ws)][:3] == [first.seq, second.seq, third.seq]
+    lost = await store_one(service, ROOM_A)  # announced never (its announcer failed)
+    later = await store_one(service, ROOM_B)
+    announce(service, later)
+    assert [(await receive(ws))["seq"] for _ in range(2)] == [lost.seq, later.seq]
+    assert await until_pong(ws) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_replay_is_incomplete_when_history_does_not_reach_back(make_service):
+    service = await make_service(overrides())
+    for _ in range(3):
+        await publish(service, ROOM_A)
+    now = service.clock.now()
+    assert await service.store.purge_notifications(now + 10, now + 10) == 3
+    kept = await publish(service, ROOM_A)
+    epoch = await service.store.store_epoch()
+    cases = [
+        ({"after": 1}, [kept.seq], False),  # purged: retention no longer reaches back
+        ({"after": 3}, [kept.seq], True),
+        ({"after": 3, "store_epoch": epoch}, [kept.seq], True),
+        ({"after": 3, "store_epoch": "another-store"}, [], False),
+        ({"after": 1000}, [], False),  # a seq this store never gave
+    ]
+    for extra, expected, complete in cases:
+        ws = await connect(service)
+        await subscribe(ws, [ROOM_A], **extra)
+        seqs, replayed = await replay_of(ws)
+        assert (seqs, replayed["complete"]) == (expected, complete), extra
+        ws.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_later_subscribe_with_after_keeps_the_socket_in_order(make_service):
+    service = await make_service(overrides())
+    early_b = await publish(service, ROOM_B)
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A])
+    live = await publish(service, ROOM_A)
+    assert (await receive(ws))["seq"] == live.seq
+    late_b = await publish(service, ROOM_B)
+    # ROOM_B from the start: early_b is older than what the socket has sent, so it is not sent
+    # (order holds) and the replay says it is incomplete; late_b comes in its place.
+    await subscribe(ws, [ROOM_B], after=0)
+    seqs, replayed = await replay_of(ws)
+    assert early_b.seq < live.seq < late_b.seq
+    assert (seqs, replayed["complete"]) == ([late_b.seq], False)
+
+
+# -- slow consumers, pings, shutdown, metrics ---------------------------------------------------
+async def raw_connect(service, rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket client by hand, reading only when told to."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", service.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)  # byte by byte: read nothing past the headers
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def raw_send(sock: socket.socket, message: dict[str, Any]) -> None:
+    payload = json.dumps(message).encode()
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    frame = bytes((0x81, 0x80 | len(payload))) + mask + masked
+    await asyncio.get_running_loop().sock_sendall(sock, frame)
+
+
+class RawReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    async def _fill(self, size: int) -> bool:
+        while len(self.data) < size:
+            try:
+                chunk = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return False
+            self.data += chunk
+        return True
+
+    async def frame(self) -> tuple[int, bytes] | None:
+        """(opcode, payload) of the next frame, None at the end of the stream."""
+        if not await self._fill(2):
+            return None
+        opcode, size = self.data[0] & 0x0F, self.data[1] & 0x7F
+        assert self.data[0] & 0xF0 == 0x80 and not self.data[1] & 0x80  # FIN, unmasked
+        start = 2
+        if size == 126:
+            if not await self._fill(4):
+                return None
+            (size,) = struct.unpack("!H", self.data[2:4])
+            start = 4
+        elif size == 127:
+            if not await self._fill(10):
+                return None
+            (size,) = struct.unpack("!Q", self.data[2:10])
+            start = 10
+        if not await self._fill(start + size):
+            return None
+        payload, self.data = self.data[start : start + size], self.data[start + size :]
+        return opcode, payload
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_slow_consumer_is_closed_and_nobody_waits_for_it(make_service):
+    service = await make_service(overrides(max_queue=4))
+    slow = await raw_connect(service, rcvbuf=4096)
+    reader = RawReader(slow)
+    await raw_send(slow, {"type": "subscribe", "calendar_ids": ["*"]})
+    opcode, payload = await reader.frame() or (0, b"")
+    assert opcode == 1 and json.loads(payload)["type"] == "subscribed"
+    # From here the slow client reads nothing.
+    good = await connect(service)
+    await subscribe(good, ["*"])
+    sent: list[int] = []
+    for _ in range(400):  # ~60 KB each: the kernel's buffers fill long before the end
+        sent.append((await publish(service, ROOM_A, size=60_000)).seq)
+        assert (await receive(good))["seq"] == sent[-1]
+        if service.fanout.slow_consumer_closes:
+            break
+    assert service.fanout.slow_consumer_closes == 1
+    for _ in range(5):  # the good client keeps getting every message at once
+        sent.append((await publish(service, ROOM_B, size=60_000)).seq)
+        assert (await receive(good))["seq"] == sent[-1]
+    # ...while the slow one, which takes no close frame, waits out its second before the abort.
+    assert service.fanout.connected == 2
+    # The slow client's stream ends: a 4008 close frame if it came through, else an abort.
+    last = None
+    while (frame := await reader.frame()) is not None:
+        last = frame
+    assert last is not None
+    if last[0] == 0x8:
+        assert struct.unpack("!H", last[1][:2])[0] == 4008
+    else:
+        assert last[0] == 0x1  # cut off after some notification: what a 1006 looks like
+    slow.close()
+    assert await until_pong(good) == []
+    assert service.fanout.connected == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_server_pings_and_drops_silent_clients(make_service):
+    service = await make_service(overrides())
+    silent = await raw_connect(service)
+    reader = RawReader(silent)
+    alive = await connect(service)
+    assert await until_pong(alive) == []
+    service.fanout.ping_all()
+    assert await reader.frame() == (0x9, b"")  # a ping, not answered
+    assert await until_pong(alive) == []  # tornado's client answered its ping; it talks too
+    service.fanout.ping_all()
+    opcode, payload = await reader.frame() or (0, b"")
+    assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1000
+    assert payload[2:] == b"ping timed out"
+    silent.close()
+    assert await until_pong(alive) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_shutdown_closes_every_socket_with_1001(make_service):
+    service = await make_service(overrides())
+    sockets = [await connect(service) for _ in range(3)]
+    await subscribe(sockets[0], ["*"])
+    await service.stop()
+    for ws in sockets:
+        assert await ws.read_message() is None
+        assert ws.close_code == 1001
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_metrics(make_service):
+    service = await make_service(overrides())
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A, ROOM_B], after=0)
+    await replay_of(ws)
+    await publish(service, ROOM_A)
+    await receive(ws)
+    _, text = await call(service, "GET", "/metrics")
+    assert "mrm_push_websocket_clients 1.0" in text
+    assert "mrm_push_websocket_subscriptions 2.0" in text
+    assert "mrm_push_websocket_frames_sent_total 3.0" in text  # subscribed, replayed, one
+    assert "mrm_push_websocket_replays_total 1.0" in text
+    assert "mrm_push_websocket_slow_consumer_closes_total 0.0" in text
