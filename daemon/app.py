@@ -39,6 +39,7 @@ READINESS_TIMEOUT = 5.0
 CHANNEL_UPKEEP_INTERVAL = 15.0  # seconds between background channel retries and stop attempts
 FCM_THREADS = 8  # pyfcm sends and credential refreshes at once (firebase-admin sends are async)
 DELIVERY_DRAIN = 2.0  # seconds at shutdown for FCM attempts in flight
+PURGE_INTERVAL = 3600.0  # seconds between retention purges
 
 
 class Service:
@@ -72,16 +73,16 @@ class Service:
             self.store, self.fcm_sender, self.clock, self.config, self.secrets.backend_token
         )
         self._delivery_task: asyncio.Task[None] | None = None
-        # Called for each publication (delivery, fan-out); a list so later parts add theirs.
+        # WebSocket fan-out (/ws): fed by publication, pings from one timer.
+        self.fanout = FanoutHub(self.store, self.config.websocket)
         self.metrics.watch_deliveries(self.delivery)
+        self.metrics.watch_fanout(self.fanout)
+        # Every publication wakes the delivery worker, is counted, and goes out on /ws.
         self.publication_listeners: list[Callable[[Notification], None]] = [
             lambda _notification: self.delivery.wake(),
             lambda notification: self.metrics.published.labels(notification.source).inc(),
+            self.fanout.publish,
         ]
-        # WebSocket fan-out (/ws): fed by publication, pings from one timer.
-        self.fanout = FanoutHub(self.store, self.config.websocket)
-        self.publication_listeners.append(self.fanout.publish)
-        self.metrics.watch_fanout(self.fanout)
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {
             "storage": self.store.ping,
@@ -95,6 +96,7 @@ class Service:
         )
         self._add_periodic("channel_retries", self._channel_upkeep, CHANNEL_UPKEEP_INTERVAL)
         self._add_periodic("websocket_ping", self.fanout.ping, self.config.websocket.ping_interval)
+        self._add_periodic("purge", self.purge, PURGE_INTERVAL)
         if self.config.sync.poll_interval:
             self._add_periodic("poll", self.syncer.poll_all, self.config.sync.poll_interval)
         if self.config.backend.refresh_interval and self.config.backend.url:
@@ -175,6 +177,16 @@ class Service:
         """Start one periodic task's work now (unless it is running already)."""
         if name in self._periodic_work and not self.stopping:
             self.channels.spawn(self._periodic_work[name]())
+
+    async def purge(self) -> int:
+        """Retention: published notifications older than storage.retention_days go (once their
+        deliveries are final), and unpublished ones too; the store remembers the highest seq
+        dropped, so a replay from before it says `complete: false`."""
+        cutoff = self.clock.now() - self.config.storage.retention_days * 86400
+        dropped = await self.store.purge_notifications(cutoff, cutoff)
+        if dropped:
+            log.info("notifications_purged", extra={"count": dropped})
+        return dropped
 
     async def _channel_upkeep(self) -> None:
         await self._recover()

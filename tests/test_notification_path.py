@@ -133,3 +133,20 @@ async def test_the_pyfcm_backend_delivers_too(make_service, emulator, clock):
     [message] = emulator.fcm.messages(TABLET)
     assert json.loads(message["message"]["data"]["event_ids"]) == [event["id"]]
     assert message["message"]["android"]["priority"] == "high"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_retention_purges_old_notifications(make_service, emulator, clock):
+    service = await make_service({"storage": {"retention_days": 2}}, clock=clock, emulator=emulator)
+    await call(service, "PUT", PATH, {"firebase_tokens": [TABLET]})
+    await emulator.google.drain()
+    emulator.google.insert_event(ROOM, summary="old")
+    await emulator.fcm.wait_for(TABLET, 1, 10)
+    await service.delivery.drain(5)
+    assert "purge" in service.periodic
+    assert await service.purge() == 0  # not old yet
+    clock.advance(3 * 86400)
+    assert await service.purge() == 1
+    assert await service.store.purged_through_seq() == 1
+    _, page = await call(service, "GET", "/v1/notifications")
+    assert page["notifications"] == []
