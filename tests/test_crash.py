@@ -212,7 +212,7 @@ def hold_next_list(emulator: Emulator) -> tuple[asyncio.Future[None], asyncio.Ev
             await release.wait()
         return await original(method, calendar_id, *args)
 
-    google.call = call  # type: ignore[method-assign]
+    google.call = call  # type: ignore[method-assign,assignment]
     return arrived, release
 
 
