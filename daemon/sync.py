@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 
 RETRY_BASE = 5.0  # seconds before the first retry of a calendar whose sync failed
 RETRY_CAP = 600.0  # the poll (900 s by default) must not be the only thing that retries
-# received_notifications has no calendar filter; one read must cover every waiting calendar.
-BATCH_LIMIT = 10_000
+BATCH_LIMIT = 10_000  # received notifications taken by one sync (or one resume) at most
 
 
 class RetryLater(Exception):
@@ -248,8 +247,7 @@ class Syncer:
             raise RetryLater(len(batch)) from error
 
     async def _batch(self, calendar_id: str) -> list[Notification]:
-        waiting = await self.store.received_notifications(BATCH_LIMIT)
-        return [n for n in waiting if n.calendar_id == calendar_id]
+        return await self.store.received_notifications(BATCH_LIMIT, calendar_id=calendar_id)
 
     async def _sync_batch(
         self, calendar_id: str, batch: list[Notification], *, poll: bool

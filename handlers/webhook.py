@@ -127,8 +127,8 @@ class WebhookHandler(BaseHandler):
 
     async def _store(self, channel: Channel, google: GoogleHeaders) -> str:
         service = self.service
-        # Stored before the answer; the unique (channel, number) pair makes a retry from Google
-        # a duplicate even when the process died before the number was advanced.
+        # Stored before the answer, raising the channel's last number in the same step; the
+        # unique (channel, number) pair makes a retry from Google a duplicate in any case.
         try:
             notification = await service.store.add_notification(
                 channel.calendar_id,
@@ -142,13 +142,6 @@ class WebhookHandler(BaseHandler):
             return "duplicate"
         # From here on the notification is durable, so the answer is 200 whatever happens:
         # a 503 would only bring Google's retry, a duplicate, while this one waited unseen.
-        try:
-            await service.store.advance_message_number(channel.id, google.message_number)
-        except StoreError as error:
-            # Only a shortcut for duplicates; the unique pair still catches them.
-            log.warning(
-                "webhook_advance_failed", extra={"channel_id": channel.id, "reason": str(error)}
-            )
         try:
             service.notification_stored(notification)
         except Exception:

@@ -246,13 +246,17 @@ class Store(Protocol):
     ) -> Notification:
         """Store durably (state `received`) with the next id, which is never reused, not even
         after a purge. Raises DuplicateNotification for a (channel_id, message_number) pair that
-        is stored already."""
+        is stored already. With both given, the channel's last_message_number is raised to
+        `message_number` in the same step (one write for Google's webhook call)."""
 
     async def get_notification(self, notification_id: int) -> Notification | None:
         """With its deliveries."""
 
-    async def received_notifications(self, limit: int = 1000) -> list[Notification]:
-        """Notifications still waiting for their sync (after a restart too), oldest first."""
+    async def received_notifications(
+        self, limit: int = 1000, calendar_id: str | None = None
+    ) -> list[Notification]:
+        """Notifications still waiting for their sync (after a restart too), oldest first;
+        only the calendar's when `calendar_id` is given."""
 
     async def publish_notification(
         self,

@@ -619,6 +619,13 @@ class MongoStore:
                 raise DuplicateNotification(
                     f"notification ({channel_id!r}, {message_number}) is stored already"
                 ) from exc
+            if channel_id is not None and message_number is not None:
+                # Not atomic with the insert (no transactions here); a crash in between leaves
+                # the number low, and Google's resend is still caught by the unique index.
+                await db.channels.update_one(
+                    {"_id": channel_id, "last_message_number": {"$lt": message_number}},
+                    {"$set": {"last_message_number": message_number}},
+                )
         return _notification(doc)
 
     async def get_notification(self, notification_id: int) -> Notification | None:
@@ -628,11 +635,16 @@ class MongoStore:
                 return None
             return (await self._with_deliveries(db, [doc]))[0]
 
-    async def received_notifications(self, limit: int = 1000) -> list[Notification]:
+    async def received_notifications(
+        self, limit: int = 1000, calendar_id: str | None = None
+    ) -> list[Notification]:
         if limit <= 0:
             return []
+        query: Doc = {"state": "received"}
+        if calendar_id is not None:
+            query["calendar_id"] = calendar_id
         async with self._op() as db:
-            cursor = db.notifications.find({"state": "received"}).sort([("_id", 1)])
+            cursor = db.notifications.find(query).sort([("_id", 1)])
             docs = await cursor.limit(limit).to_list(None)
         return [_notification(doc) for doc in docs]
 

@@ -696,7 +696,7 @@ class SqliteStore:
         channel_id: str | None = None,
         message_number: int | None = None,
     ) -> Notification:
-        async with self._session() as db:
+        async with self._transaction() as db:
             try:
                 row = await _one(
                     db,
@@ -709,6 +709,12 @@ class SqliteStore:
                 raise DuplicateNotification(
                     f"notification {message_number} of channel {channel_id} is stored already"
                 ) from exc
+            if channel_id is not None and message_number is not None:
+                await db.execute(
+                    "UPDATE channels SET last_message_number = ?"
+                    " WHERE id = ? AND last_message_number < ?",
+                    (message_number, channel_id, message_number),
+                )
         assert row is not None
         return _notification(row)
 
@@ -718,12 +724,18 @@ class SqliteStore:
             found = await _with_deliveries(db, rows)
         return found[0] if found else None
 
-    async def received_notifications(self, limit: int = 1000) -> list[Notification]:
+    async def received_notifications(
+        self, limit: int = 1000, calendar_id: str | None = None
+    ) -> list[Notification]:
+        where = "state = 'received'"
+        args: tuple[str, ...] = ()
+        if calendar_id is not None:
+            where, args = "state = 'received' AND calendar_id = ?", (calendar_id,)
         async with self._session() as db:
             rows = await _all(
                 db,
-                "SELECT * FROM notifications WHERE state = 'received' ORDER BY id LIMIT ?",
-                (max(limit, 0),),
+                f"SELECT * FROM notifications WHERE {where} ORDER BY id LIMIT ?",  # noqa: S608
+                (*args, max(limit, 0)),
             )
             return await _with_deliveries(db, rows)
 

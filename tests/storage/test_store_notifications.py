@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from storage.base import DuplicateNotification, Target
-from tests.storage.helpers import T0, publish_new
+from tests.storage.helpers import T0, make_channel, publish_new
 
 FCM1 = Target("fcm", "t1")
 FCM2 = Target("fcm", "t2")
@@ -31,6 +31,30 @@ async def test_add_notification_stores_it_as_received(store):
     assert isinstance(n.id, int) and n.id > 0
     assert await store.get_notification(n.id) == n
     assert await store.get_notification(n.id + 1000) is None
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_webhook_notification_raises_its_channels_number(store):
+    await store.insert_channel(make_channel("ch-1", "cal-1"))
+    await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 7)
+    assert (await store.get_channel("ch-1")).last_message_number == 7
+    await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 5)  # late, lower
+    assert (await store.get_channel("ch-1")).last_message_number == 7
+    with pytest.raises(DuplicateNotification):
+        await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 7)
+    await store.add_notification("cal-1", "poll", "exists", T0)
+    assert (await store.get_channel("ch-1")).last_message_number == 7
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_received_notifications_of_one_calendar(store):
+    a = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 1)
+    b = await store.add_notification("cal-2", "webhook", "exists", T0, "ch-2", 1)
+    c = await store.add_notification("cal-1", "poll", "exists", T0)
+    assert [n.id for n in await store.received_notifications(calendar_id="cal-1")] == [a.id, c.id]
+    assert [n.id for n in await store.received_notifications(calendar_id="cal-2")] == [b.id]
+    assert [n.id for n in await store.received_notifications(1, calendar_id="cal-1")] == [a.id]
+    assert await store.received_notifications(calendar_id="cal-3") == []
 
 
 @pytest.mark.gen_test(timeout=10)
