@@ -159,10 +159,10 @@ class ChannelManager:
     async def _watch(self, channel: Channel) -> Channel | None:
         if self.google is None:
             return await self._failed_attempt(channel, NO_CREDENTIALS)
-        if await self.store.get_sync_token(channel.calendar_id) is None:
-            error = await self._first_sync_token(channel.calendar_id)
-            if error is not None:
-                return await self._failed_attempt(channel, error)
+        # A retry after a failed first list lists again; otherwise this only reads the token.
+        problem = await self._first_sync_token(channel.calendar_id)
+        if problem is not None:
+            return await self._failed_attempt(channel, problem)
         try:
             result = await self.google.watch(
                 channel.calendar_id,
