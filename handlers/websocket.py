@@ -15,6 +15,7 @@ from tornado import web, websocket
 from daemon.configfile import Subscriber
 from daemon.fanout import Client, FanoutHub
 from daemon.ids import calendar_id_problem
+from daemon.origins import ANY, normal_origin
 from handlers.base import ApiError, bearer_token
 from storage.base import StoreError
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BAD_FRAMES_ALLOWED = 2  # the next one closes the socket with 1008
 SEQ_MAX = 2**63 - 1
+ORIGIN_SHOWN = 200  # characters of a refused Origin put in the log and the answer
 
 
 class BadMessage(Exception):
@@ -42,10 +44,6 @@ def find_subscriber(token: str, subscribers: tuple[Subscriber, ...]) -> Subscrib
         if hmac.compare_digest(given, subscriber.token.encode()) and found is None:
             found = subscriber
     return found
-
-
-def _origin_key(origin: str) -> str:
-    return origin.strip().rstrip("/").lower()
 
 
 def _calendar_list(data: dict[str, Any]) -> list[str]:
@@ -92,6 +90,14 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         self.subscriber = subscriber
         problem = self._origin_problem()
         if problem is not None:
+            origin = self.request.headers.get("Origin")
+            log.warning(
+                "websocket_origin_refused",
+                extra={
+                    "origin": None if origin is None else origin[:ORIGIN_SHOWN],
+                    "sec_fetch_site": self.request.headers.get("Sec-Fetch-Site"),
+                },
+            )
             raise ApiError(403, "origin_not_allowed", problem)
 
     def _origin_problem(self) -> str | None:
@@ -108,11 +114,14 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
             return None
         if self.check_origin(origin):
             return None
-        return f"origin {origin} is not in websocket.allowed_origins"
+        return f"origin {origin[:ORIGIN_SHOWN]} is not in websocket.allowed_origins"
 
     def check_origin(self, origin: str) -> bool:
-        allowed = self.service.config.websocket.allowed_origins
-        return _origin_key(origin) in {_origin_key(o) for o in allowed}
+        allowed = self.service.config.websocket.allowed_origins  # normal forms (the config)
+        if ANY in allowed:
+            return True
+        normal = normal_origin(origin)
+        return normal is not None and normal in allowed
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":

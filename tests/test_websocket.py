@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import socket
 import struct
@@ -140,6 +141,55 @@ async def test_origins(make_service):
         ws.close()
     # A bad token is told so first, whatever its origin.
     assert (await refused(service, "nope", headers={"Origin": "https://evil.example"}))[0] == 401
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_star_allows_any_origin_but_still_wants_the_token(make_service):
+    service = await make_service(overrides(allowed_origins=["*"]))
+    for origin in ("https://anywhere.example", "null", "capacitor://localhost"):
+        ws = await connect(service, headers={"Origin": origin, "Sec-Fetch-Site": "cross-site"})
+        assert (await until_pong(ws)) == [], origin
+        ws.close()
+    assert (await refused(service, "nope", headers={"Origin": "https://a.example"}))[0] == 401
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_origins_match_whatever_their_case_and_default_port(make_service):
+    allowed = ["https://App.Example.com:443", "http://b.example", "https://c.example:8443"]
+    service = await make_service(overrides(allowed_origins=allowed))
+    for origin in (
+        "https://app.example.com",
+        "HTTPS://APP.EXAMPLE.COM:443",
+        "http://b.example:80",
+        "https://c.example:8443",
+    ):
+        ws = await connect(service, headers={"Origin": origin, "Sec-Fetch-Site": "cross-site"})
+        assert (await until_pong(ws)) == [], origin
+        ws.close()
+    for origin in (
+        "http://app.example.com",  # another scheme
+        "https://app.example.com:8443",  # another port
+        "https://c.example",
+        "https://app.example.com.evil.example",
+        "not an origin",
+    ):
+        status, body = await refused(service, headers={"Origin": origin})
+        assert (status, body["error"]["code"]) == (403, "origin_not_allowed"), origin
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_refused_origin_is_logged_with_the_origin_it_presented(make_service, caplog):
+    service = await make_service(overrides(allowed_origins=["https://app.example.com"]))
+    caplog.set_level(logging.DEBUG, logger="handlers")
+    await refused(
+        service, headers={"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    )
+    await refused(service, headers={"Sec-Fetch-Site": "cross-site"})
+    records = [r for r in caplog.records if r.getMessage() == "websocket_origin_refused"]
+    assert [(r.levelno, r.origin) for r in records] == [  # type: ignore[attr-defined]
+        (logging.WARNING, "https://evil.example"),
+        (logging.WARNING, None),
+    ]
 
 
 @pytest.mark.gen_test(timeout=20)
