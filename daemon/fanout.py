@@ -30,6 +30,8 @@ REPLAY_PAGE = 200  # notifications read (and written) per step of a replay
 
 SLOW_CONSUMER = 4008
 GOING_AWAY = 1001
+INTERNAL_ERROR = 1011  # the stream cannot be kept gap-free: reconnect and resume with `after`
+INTERRUPTED = "notification stream interrupted"
 
 
 def notification_message(notification: Notification) -> dict[str, Any]:
@@ -96,7 +98,7 @@ class FanoutHub:
         self.closing = False
         # A replay page and what is already queued must fit in the backlog bound together.
         self.replay_page = max(1, min(REPLAY_PAGE, config.max_queue // 2))
-        self.order = InOrder(store, self._fan_out)  # publication, in seq order, no gap
+        self.order = InOrder(store, self._fan_out, self._gap)  # publication, in seq order
         self._epoch: str | None = None
         # Read by the metrics collector.
         self.subscriptions = 0
@@ -274,6 +276,19 @@ class FanoutHub:
         for client in slow:  # after the loop: closing changes no set, but stay clear of it
             self._slow_consumer(client)
 
+    def _gap(self, after: int, before: int) -> None:
+        """The seqs between `after` and `before` are published but could not be read: close
+        every socket that might have wanted one of them. Which calendars they were for is not
+        known (the store that would say is failing), so that is every socket with a
+        subscription, those still replaying included (their held live frames would have the
+        same hole). A socket with none could miss nothing and stays."""
+        lost = [c for c in self.clients if c.subscription_count and not c.closing]
+        log.warning(
+            "websocket_gap_closes", extra={"after": after, "before": before, "sockets": len(lost)}
+        )
+        for client in lost:
+            self.close(client, INTERNAL_ERROR, INTERRUPTED)
+
     # -- replay ------------------------------------------------------------------------------
     async def replay(
         self, client: Client, calendars: list[str] | None, after: int, epoch: str | None
@@ -281,12 +296,16 @@ class FanoutHub:
         """After `subscribe(..., replay=True)`: send the stored notifications with seq > after
         of `calendars` (None: all), then `replayed`, then the live ones held meanwhile."""
         self.replays += 1
-        count, complete = 0, True
         try:
             count, complete = await self._replay(client, calendars, after, epoch)
         except StoreError as error:
-            complete = False
+            # What the store holds is not lost, only unreadable now: rather than a `replayed`
+            # with a hole behind it (complete: false would send the client to refetch for
+            # nothing), the socket closes and the client resumes with `after` later.
+            log.warning("websocket_replay_failed", extra={"after": after, "reason": str(error)})
             self.send(client, {"type": "error", "code": "replay_failed", "message": str(error)})
+            self.close(client, INTERNAL_ERROR, INTERRUPTED)
+            return
         self.send(client, {"type": "replayed", "count": count, "complete": complete})
         buffer, client.buffer = client.buffer, None
         for seq, frame in buffer or ():

@@ -17,7 +17,8 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from storage.base import Notification
+from daemon import seqorder
+from storage.base import Notification, StoreError
 from tests.fixtures import API_KEY, call, clock, emulator, make_service  # noqa: F401
 
 TOKEN = "subscriber-token-sees-all-0123456789"
@@ -440,6 +441,110 @@ async def test_announcements_out_of_order_still_go_out_in_seq_order(make_service
     announce(service, later)
     assert [(await receive(ws))["seq"] for _ in range(2)] == [lost.seq, later.seq]
     assert await until_pong(ws) == []
+
+
+class Reads:
+    """The store's list_notifications, made to fail (StoreError, as a failing disk or a lost
+    database would) from a given call on: nothing else can make the real store fail on cue."""
+
+    def __init__(self, service) -> None:
+        self.store = service.store
+        self.read = service.store.list_notifications
+        self.calls = 0
+        self.fail_from: int | None = None
+        self.store.list_notifications = self._list  # type: ignore[method-assign]
+
+    def fail(self, after_calls: int = 0) -> None:
+        self.fail_from = self.calls + after_calls
+
+    def heal(self) -> None:
+        self.fail_from = None
+
+    async def _list(self, *args: Any, **kwargs: Any) -> list[Notification]:
+        self.calls += 1
+        if self.fail_from is not None and self.calls > self.fail_from:
+            raise StoreError("disk I/O error")
+        return await self.read(*args, **kwargs)
+
+
+async def closed_with(ws) -> tuple[list[int], int | None]:
+    """The seqs a socket gets before its close, and the close code."""
+    seqs = []
+    while (text := await ws.read_message()) is not None:
+        message = json.loads(text)
+        assert message["type"] == "notification", message
+        seqs.append(message["seq"])
+    return seqs, ws.close_code
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_gap_that_cannot_be_filled_closes_every_subscribed_socket_1011(
+    make_service, caplog
+):
+    service = await make_service(overrides())
+    reads = Reads(service)
+    star, room_a, room_b, idle = [await connect(service) for _ in range(4)]
+    await subscribe(star, ["*"])
+    await subscribe(room_a, [ROOM_A])
+    await subscribe(room_b, [ROOM_B])  # the missing seq is ROOM_A's, but nobody can know that
+    assert await until_pong(idle) == []
+    first, second = [await store_one(service, ROOM_A) for _ in range(2)]
+    reads.fail()
+    announce(service, second)  # seq N+1 before N: N is read from the store, which fails
+    for ws in (star, room_a, room_b):
+        assert await closed_with(ws) == ([], 1011)
+    assert star.close_reason == "notification stream interrupted"
+    assert any(r.getMessage() == "fanout_gap_unfilled" for r in caplog.records)
+    # A socket with no subscription could miss nothing: it stays, and publication goes on in
+    # order from past the gap (the late announcement of N is not sent: it is behind).
+    assert await until_pong(idle) == []
+    reads.heal()
+    await subscribe(idle, ["*"])
+    announce(service, first)
+    third = await publish(service, ROOM_B)
+    assert [m["seq"] for m in await until_pong(idle)] == [third.seq]
+    assert service.fanout.connected == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_what_was_read_before_the_store_failed_goes_out_then_1011(make_service, monkeypatch):
+    monkeypatch.setattr(seqorder, "FILL_PAGE", 1)
+    service = await make_service(overrides())
+    reads = Reads(service)
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A])
+    stored = [await store_one(service, ROOM_A) for _ in range(4)]
+    reads.fail(after_calls=1)  # the first page of the fill is read, the second fails
+    announce(service, stored[3])
+    assert await closed_with(ws) == ([stored[0].seq], 1011)
+    # Read in part, but nothing missing: the stream is whole, nobody is closed.
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A])
+    stored = [await store_one(service, ROOM_A) for _ in range(2)]
+    reads.fail(after_calls=1)
+    announce(service, stored[1])
+    assert [(await receive(ws))["seq"] for _ in stored] == [n.seq for n in stored]
+    assert await until_pong(ws) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_replay_the_store_fails_closes_1011_rather_than_skip(make_service):
+    service = await make_service(overrides())
+    reads = Reads(service)
+    published = [await publish(service, ROOM_A) for _ in range(3)]
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A, ROOM_B])
+    reads.fail()
+    await send(ws, {"type": "subscribe", "calendar_ids": [ROOM_C], "after": 0})
+    assert (await receive(ws))["type"] == "subscribed"
+    error = await receive(ws)
+    assert (error["type"], error["code"]) == ("error", "replay_failed")
+    assert await closed_with(ws) == ([], 1011)
+    # The client resumes with `after` once the store is back.
+    reads.heal()
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A], after=published[0].seq)
+    assert (await replay_of(ws))[0] == [n.seq for n in published[1:]]
 
 
 @pytest.mark.gen_test(timeout=20)
