@@ -136,6 +136,13 @@ class WebSocket(Section):
     max_message_size: int = key(65536, "bytes", "largest frame a client may send", ge=256)
     max_connections: int = key(20000, "", "sockets at once; more get 503", ge=1)
     max_subscriptions: int = key(1000, "", "calendars per socket", ge=1)
+    send_buffer: int = key(
+        131072,
+        "bytes",
+        "kernel send buffer per socket (SO_SNDBUF; Linux reserves twice this)",
+        ge=4096,
+        le=2**26,
+    )
     allowed_origins: list[str] = key(
         [], "", 'browser origins allowed: scheme://host[:port], or "*" (empty: same origin)'
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 from http.client import responses
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import urlsplit
@@ -155,9 +156,22 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         connection = self.ws_connection
         assert connection is not None and connection.stream is not None
         connection.set_nodelay(True)  # frames are joined per tick already; no Nagle delay
+        self._cap_send_buffer(connection.stream.socket)
         self.client = self.hub.connect(connection.stream, self.close)
         if self.client is None:
             self.close(1001, "server shutting down")
+
+    def _cap_send_buffer(self, sock: socket.socket | None) -> None:
+        """Left alone, Linux grows a socket's send buffer to tcp_wmem's maximum (some 4 MB) for
+        a client that never reads: websocket.max_queue would bound only what lies beyond."""
+        if sock is None:
+            return  # closed already: on_close follows
+        try:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, self.service.config.websocket.send_buffer
+            )
+        except OSError as error:  # the peer may be gone by now; the stream will notice
+            log.debug("websocket_send_buffer_not_set", extra={"reason": str(error)})
 
     def on_close(self) -> None:
         if self.client is not None:

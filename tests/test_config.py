@@ -38,6 +38,7 @@ def test_defaults_match_the_contract():
     ws = config.websocket
     assert (ws.ping_interval, ws.max_queue, ws.max_message_size) == (25, 1000, 65536)
     assert (ws.max_connections, ws.max_subscriptions, ws.allowed_origins) == (20000, 1000, [])
+    assert ws.send_buffer == 131072
     assert config.backend.rooms_query == "{ allRooms { rooms { calendarId firebaseToken } } }"
     assert (config.backend.prune, config.backend.notify) == (False, False)
     assert (config.backend.refresh_interval, config.backend.timeout) == (0, 10)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import logging
 import os
 import socket
 import struct
+import sys
+import termios
 from typing import Any
 from urllib.parse import quote
 
@@ -694,6 +697,41 @@ async def test_a_slow_consumer_is_closed_and_nobody_waits_for_it(make_service):
     slow.close()
     assert await until_pong(good) == []
     assert service.fanout.connected == 1
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes the kernel holds in a socket's send queue, not yet acknowledged (Linux)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ and SO_SNDBUF doubling: Linux")
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_never_reads_holds_a_bounded_kernel_send_buffer(make_service):
+    service = await make_service(overrides())
+    send_buffer = service.config.websocket.send_buffer
+    assert send_buffer == 131072
+    silent = await raw_connect(service, rcvbuf=4096)
+    reader = RawReader(silent)
+    await raw_send(silent, {"type": "subscribe", "calendar_ids": ["*"]})
+    assert json.loads((await reader.frame() or (0, b""))[1])["type"] == "subscribed"
+    [client] = [c for c in service.fanout.clients if c.subscription_count]
+    stream = client.outbox.stream
+    server_side = stream.socket
+    # Linux doubles what it is given (the rest is for its own bookkeeping).
+    assert server_side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * send_buffer
+    good = await connect(service)
+    await subscribe(good, ["*"])
+    for _ in range(200):  # 60 KB each: without the cap the kernel takes some 3 MB first
+        published = await publish(service, ROOM_A, size=60_000)
+        assert (await receive(good))["seq"] == published.seq  # both outboxes were flushed
+        if stream._total_write_done_index < stream._total_write_index:
+            break  # the kernel takes no more: the rest waits in the stream (max_queue counts it)
+    else:
+        raise AssertionError("the kernel took everything")
+    # One write may pass the bound before the kernel refuses the next.
+    assert queued_bytes(server_side) <= 2 * send_buffer + 65536
+    assert service.fanout.slow_consumer_closes == 0
+    silent.close()
 
 
 @pytest.mark.gen_test(timeout=20)
