@@ -21,6 +21,7 @@ from daemon.clock import rfc3339
 from daemon.config import WebSocket
 from daemon.outbox import PING_FRAME, Flusher, Outbox, json_frame
 from daemon.seqorder import InOrder
+from daemon.subscriptions import Subscriptions
 from storage.base import Notification, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Client:
         "closer",
         "closing",
         "heard",
+        "id_bytes",
         "last_seq",
         "outbox",
         "pinged",
@@ -70,6 +72,7 @@ class Client:
         self.outbox = outbox
         self.closer = closer  # the handler's close(code, reason)
         self.calendars: set[str] = set()
+        self.id_bytes = 0  # of the ids in `calendars` (bounded: daemon/subscriptions.py)
         self.wildcard = False  # subscribed to every calendar ("*" with an all-seeing token)
         self.last_seq = 0  # highest seq queued to this socket: its order, and no duplicate
         self.buffer: list[tuple[int, bytes]] | None = None  # live frames held during a replay
@@ -92,8 +95,7 @@ class FanoutHub:
         self.config = config
         self.flusher = Flusher()
         self.clients: set[Client] = set()
-        self.by_calendar: dict[str, set[Client]] = {}
-        self.wildcards: set[Client] = set()
+        self.index = Subscriptions(config.max_subscriptions)
         self.sockets_in_use = 0  # upgrades under way and open sockets: max_connections
         self.closing = False
         # A replay page and what is already queued must fit in the backlog bound together.
@@ -101,7 +103,7 @@ class FanoutHub:
         self.order = InOrder(store, self._fan_out, self._gap)  # publication, in seq order
         self._epoch: str | None = None
         # Read by the metrics collector.
-        self.subscriptions = 0
+        self.subscriptions = 0  # the index's count, as of its last change
         self.slow_consumer_closes = 0
         self.replays = 0
 
@@ -198,52 +200,20 @@ class FanoutHub:
     def subscribe(
         self, client: Client, calendars: list[str], wildcard: bool, *, replay: bool
     ) -> tuple[list[str], list[str], bool]:
-        """Add subscriptions up to websocket.max_subscriptions. Returns (calendars subscribed,
-        calendars refused for the limit, whether "*" is subscribed). With `replay`, live
-        notifications are held from now on until `replay` has sent the stored ones."""
-        room = self.config.max_subscriptions - client.subscription_count
-        accepted: list[str] = []
-        refused: list[str] = []
-        if wildcard and not client.wildcard:
-            if room > 0:
-                client.wildcard = True
-                self.wildcards.add(client)
-                self.subscriptions += 1
-                room -= 1
-            else:
-                refused.append("*")
-                wildcard = False
-        for calendar_id in calendars:
-            if calendar_id in client.calendars:
-                accepted.append(calendar_id)
-            elif room > 0:
-                client.calendars.add(calendar_id)
-                self.by_calendar.setdefault(calendar_id, set()).add(client)
-                self.subscriptions += 1
-                room -= 1
-                accepted.append(calendar_id)
-            else:
-                refused.append(calendar_id)
+        """Add subscriptions within the socket's bounds (daemon/subscriptions.py). Returns
+        (calendars subscribed, calendars refused for a bound, whether "*" is subscribed). With
+        `replay`, live notifications are held from now on until `replay` has sent the stored
+        ones."""
+        accepted, refused, wildcard = self.index.add(client, calendars, wildcard)
+        self.subscriptions = self.index.count
         if replay and (accepted or wildcard) and not client.closing:
             client.buffer = []
             client.replay_target = self.order.last
         return accepted, refused, wildcard
 
     def unsubscribe(self, client: Client, calendars: list[str], *, everything: bool) -> None:
-        if everything and client.wildcard:
-            client.wildcard = False
-            self.wildcards.discard(client)
-            self.subscriptions -= 1
-        for calendar_id in calendars:
-            if calendar_id not in client.calendars:
-                continue
-            client.calendars.discard(calendar_id)
-            self.subscriptions -= 1
-            group = self.by_calendar.get(calendar_id)
-            if group is not None:
-                group.discard(client)
-                if not group:
-                    del self.by_calendar[calendar_id]
+        self.index.remove(client, calendars, everything=everything)
+        self.subscriptions = self.index.count
 
     # -- publication -------------------------------------------------------------------------
     def publish(self, notification: Notification) -> None:
@@ -251,8 +221,8 @@ class FanoutHub:
         self.order.push(notification)
 
     def _fan_out(self, notification: Notification) -> None:
-        group = self.by_calendar.get(notification.calendar_id)
-        wildcards = self.wildcards
+        group = self.index.by_calendar.get(notification.calendar_id)
+        wildcards = self.index.wildcards
         if not group and not wildcards:
             return  # nobody listens: not even encoded
         seq = notification.seq

@@ -176,6 +176,9 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
     def on_close(self) -> None:
         if self.client is not None:
             self.hub.disconnect(self.client)
+            # The Client holds this handler (its closer): without this, the two (and the
+            # socket's buffers) would wait for the cyclic GC's next full collection.
+            self.client = None
 
     def on_ping(self, data: bytes) -> None:
         if self.client is not None:
@@ -270,11 +273,12 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
                 calendar_id=calendar_id,
             )
         if refused:
-            limit = self.service.config.websocket.max_subscriptions
+            index = self.hub.index
             self._error(
                 client,
                 "too_many_subscriptions",
-                f"a socket may hold {limit} subscriptions; these were left out",
+                f"a socket may hold {index.max_count} subscriptions, their calendar ids "
+                f"{index.max_bytes} bytes in all; these were left out",
                 calendar_ids=refused,
             )
         if after is not None:

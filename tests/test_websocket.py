@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from daemon import seqorder
+from daemon import fanout, seqorder
+from daemon.ids import CALENDAR_ID_MAX
 from storage.base import Notification, StoreError
 from tests.fixtures import API_KEY, call, clock, emulator, make_service  # noqa: F401
 
@@ -273,6 +275,96 @@ async def test_max_subscriptions(make_service):
     assert error["code"] == "too_many_subscriptions" and error["calendar_ids"] == [ROOM_C]
     assert (await subscribe(ws, [ROOM_A]))["calendar_ids"] == [ROOM_A]  # held already: fine
     assert await until_pong(ws) == []
+
+
+def long_ids(prefix: str, count: int, length: int = CALENDAR_ID_MAX) -> list[str]:
+    return [f"{prefix}{n:04d}".ljust(length, "x") for n in range(count)]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_socket_s_calendar_ids_are_bounded_in_bytes(make_service):
+    service = await make_service(overrides(max_subscriptions=500))
+    ws = await connect(service)
+    # Each id is as long as PUT /v1/rooms takes; 60 of them fit in a frame.
+    ids = long_ids("room-", 180)
+    accepted, refused = [], []
+    for start in range(0, len(ids), 60):
+        accepted += (await subscribe(ws, ids[start : start + 60]))["calendar_ids"]
+        if start + 60 > 128:
+            error = await receive(ws)
+            assert error["code"] == "too_many_subscriptions", error
+            refused += error["calendar_ids"]
+    bound = 131072  # bytes of calendar ids per socket (at least; more with max_subscriptions)
+    assert len(accepted) == bound // CALENDAR_ID_MAX and refused == ids[len(accepted) :]
+    assert service.fanout.subscriptions == len(accepted)
+    # Room again once some are given back.
+    await send(ws, {"type": "unsubscribe", "calendar_ids": accepted[:2]})
+    assert (await receive(ws))["type"] == "unsubscribed"
+    assert (await subscribe(ws, refused[:3]))["calendar_ids"] == refused[:2]
+    assert (await receive(ws))["calendar_ids"] == refused[2:3]
+    # Non-ASCII ids count in UTF-8 bytes (what a str of them may cost, give or take).
+    other = await connect(service)
+    wide = ["\u00e9" * 1000 + f"{n:03d}" for n in range(70)]  # 2003 bytes each
+    took = []
+    for start in (0, 30, 60):
+        frame = {"type": "subscribe", "calendar_ids": wide[start : start + 30]}
+        await send(other, json.dumps(frame, ensure_ascii=False))  # 2 bytes an id's é too
+        answer = await receive(other)
+        took += answer["calendar_ids"]
+    assert took == wide[: bound // 2003]
+    assert (await receive(other))["calendar_ids"] == wide[bound // 2003 :]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_sockets_share_one_copy_of_each_calendar_id(make_service):
+    service = await make_service(overrides())
+    first, second = await connect(service), await connect(service)
+    for ws in (first, second):
+        await subscribe(ws, [ROOM_A, ROOM_B])
+    held = [sorted(c.calendars) for c in service.fanout.clients]
+    assert held[0] == held[1] == [ROOM_A, ROOM_B]
+    assert all(a is b for a, b in zip(*held, strict=True))  # the same str objects
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_calendar_index_gives_its_table_back_when_subscriptions_go(make_service):
+    service = await make_service(overrides(max_subscriptions=5000))
+    ws = await connect(service)
+    ids = [f"room-{n:04d}@x" for n in range(3000)]
+    await subscribe(ws, ids)
+    index = service.fanout.index
+    full = sys.getsizeof(index.by_calendar)
+    await send(ws, {"type": "unsubscribe", "calendar_ids": ids[10:]})
+    assert (await receive(ws))["type"] == "unsubscribed"
+    assert len(index.by_calendar) == 10
+    assert sys.getsizeof(index.by_calendar) < full / 10  # a dict keeps its table on its own
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_closed_socket_is_freed_without_waiting_for_the_cyclic_gc(make_service):
+    service = await make_service(overrides())
+    hub = service.fanout
+    stays = await connect(service)
+    goes = await connect(service)
+    await subscribe(goes, long_ids("room-", 50))
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    disconnect = hub.disconnect
+
+    def disconnected(client: Any) -> None:
+        disconnect(client)
+        gone.set_result(None)
+
+    hub.disconnect = disconnected  # type: ignore[method-assign]
+    gc.collect()  # what earlier tests left
+    gc.disable()
+    try:
+        goes.close()
+        await gone  # resumed after the handler's on_close has returned
+        alive = [o for o in gc.get_objects() if type(o) is fanout.Client]
+        assert len(alive) == 1, "a closed socket's Client waits for the cyclic GC"
+    finally:
+        gc.enable()
+    assert await until_pong(stays) == []
 
 
 @pytest.mark.gen_test(timeout=20)
