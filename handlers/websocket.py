@@ -107,11 +107,17 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         headers = self.request.headers
         site = headers.get("Sec-Fetch-Site")
         origin = headers.get("Origin")
+        netloc = ""
+        if origin is not None:
+            try:
+                netloc = urlsplit(origin).netloc.lower()
+            except ValueError:  # "http://[::1": Tornado's own check would raise on it (a 500)
+                return f"origin {origin[:ORIGIN_SHOWN]} is not a URL"
         if site in ("same-origin", "none"):
             return None
         if origin is None:
             return None if site is None else f"Sec-Fetch-Site {site} without an Origin"
-        if site is None and urlsplit(origin).netloc.lower() == headers.get("Host", "").lower():
+        if site is None and netloc == headers.get("Host", "").lower():
             return None
         if self.check_origin(origin):
             return None

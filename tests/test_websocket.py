@@ -157,6 +157,10 @@ async def test_a_star_allows_any_origin_but_still_wants_the_token(make_service):
         assert (await until_pong(ws)) == [], origin
         ws.close()
     assert (await refused(service, "nope", headers={"Origin": "https://a.example"}))[0] == 401
+    # One that is no URL at all is refused (urlsplit raises on it), never a 500.
+    for headers in ({"Origin": "http://[::1"}, {"Origin": "http://[zz]", "Sec-Fetch-Site": "none"}):
+        status, body = await refused(service, headers=headers)
+        assert (status, body["error"]["code"]) == (403, "origin_not_allowed"), headers
 
 
 @pytest.mark.gen_test(timeout=20)
