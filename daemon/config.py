@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from daemon.origins import ANY, normal_origin, origin_problem
+
 DEFAULT_ROOMS_QUERY = "{ allRooms { rooms { calendarId firebaseToken } } }"
 
 
@@ -134,7 +136,30 @@ class WebSocket(Section):
     max_message_size: int = key(65536, "bytes", "largest frame a client may send", ge=256)
     max_connections: int = key(20000, "", "sockets at once; more get 503", ge=1)
     max_subscriptions: int = key(1000, "", "calendars per socket", ge=1)
-    allowed_origins: list[str] = key([], "", "browser origins allowed (empty: same origin)")
+    send_buffer: int = key(
+        131072,
+        "bytes",
+        "kernel send buffer per socket (SO_SNDBUF; Linux reserves twice this)",
+        ge=4096,
+        le=2**26,
+    )
+    allowed_origins: list[str] = key(
+        [], "", 'browser origins allowed: scheme://host[:port], or "*" (empty: same origin)'
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        normal = []
+        for origin in value:
+            if origin == ANY:
+                normal.append(origin)
+                continue
+            problem = origin_problem(origin)
+            if problem is not None:
+                raise ValueError(f"{origin!r} {problem}")
+            normal.append(normal_origin(origin) or origin)
+        return normal
 
 
 class Subscriber(Section):

@@ -21,6 +21,7 @@ from daemon.clock import rfc3339
 from daemon.config import WebSocket
 from daemon.outbox import PING_FRAME, Flusher, Outbox, json_frame
 from daemon.seqorder import InOrder
+from daemon.subscriptions import Subscriptions
 from storage.base import Notification, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ REPLAY_PAGE = 200  # notifications read (and written) per step of a replay
 
 SLOW_CONSUMER = 4008
 GOING_AWAY = 1001
+INTERNAL_ERROR = 1011  # the stream cannot be kept gap-free: reconnect and resume with `after`
+INTERRUPTED = "notification stream interrupted"
 
 
 def notification_message(notification: Notification) -> dict[str, Any]:
@@ -57,6 +60,7 @@ class Client:
         "closer",
         "closing",
         "heard",
+        "id_bytes",
         "last_seq",
         "outbox",
         "pinged",
@@ -68,6 +72,7 @@ class Client:
         self.outbox = outbox
         self.closer = closer  # the handler's close(code, reason)
         self.calendars: set[str] = set()
+        self.id_bytes = 0  # of the ids in `calendars` (bounded: daemon/subscriptions.py)
         self.wildcard = False  # subscribed to every calendar ("*" with an all-seeing token)
         self.last_seq = 0  # highest seq queued to this socket: its order, and no duplicate
         self.buffer: list[tuple[int, bytes]] | None = None  # live frames held during a replay
@@ -90,16 +95,15 @@ class FanoutHub:
         self.config = config
         self.flusher = Flusher()
         self.clients: set[Client] = set()
-        self.by_calendar: dict[str, set[Client]] = {}
-        self.wildcards: set[Client] = set()
+        self.index = Subscriptions(config.max_subscriptions)
         self.sockets_in_use = 0  # upgrades under way and open sockets: max_connections
         self.closing = False
         # A replay page and what is already queued must fit in the backlog bound together.
         self.replay_page = max(1, min(REPLAY_PAGE, config.max_queue // 2))
-        self.order = InOrder(store, self._fan_out)  # publication, in seq order, no gap
+        self.order = InOrder(store, self._fan_out, self._gap)  # publication, in seq order
         self._epoch: str | None = None
         # Read by the metrics collector.
-        self.subscriptions = 0
+        self.subscriptions = 0  # the index's count, as of its last change
         self.slow_consumer_closes = 0
         self.replays = 0
 
@@ -196,52 +200,20 @@ class FanoutHub:
     def subscribe(
         self, client: Client, calendars: list[str], wildcard: bool, *, replay: bool
     ) -> tuple[list[str], list[str], bool]:
-        """Add subscriptions up to websocket.max_subscriptions. Returns (calendars subscribed,
-        calendars refused for the limit, whether "*" is subscribed). With `replay`, live
-        notifications are held from now on until `replay` has sent the stored ones."""
-        room = self.config.max_subscriptions - client.subscription_count
-        accepted: list[str] = []
-        refused: list[str] = []
-        if wildcard and not client.wildcard:
-            if room > 0:
-                client.wildcard = True
-                self.wildcards.add(client)
-                self.subscriptions += 1
-                room -= 1
-            else:
-                refused.append("*")
-                wildcard = False
-        for calendar_id in calendars:
-            if calendar_id in client.calendars:
-                accepted.append(calendar_id)
-            elif room > 0:
-                client.calendars.add(calendar_id)
-                self.by_calendar.setdefault(calendar_id, set()).add(client)
-                self.subscriptions += 1
-                room -= 1
-                accepted.append(calendar_id)
-            else:
-                refused.append(calendar_id)
+        """Add subscriptions within the socket's bounds (daemon/subscriptions.py). Returns
+        (calendars subscribed, calendars refused for a bound, whether "*" is subscribed). With
+        `replay`, live notifications are held from now on until `replay` has sent the stored
+        ones."""
+        accepted, refused, wildcard = self.index.add(client, calendars, wildcard)
+        self.subscriptions = self.index.count
         if replay and (accepted or wildcard) and not client.closing:
             client.buffer = []
             client.replay_target = self.order.last
         return accepted, refused, wildcard
 
     def unsubscribe(self, client: Client, calendars: list[str], *, everything: bool) -> None:
-        if everything and client.wildcard:
-            client.wildcard = False
-            self.wildcards.discard(client)
-            self.subscriptions -= 1
-        for calendar_id in calendars:
-            if calendar_id not in client.calendars:
-                continue
-            client.calendars.discard(calendar_id)
-            self.subscriptions -= 1
-            group = self.by_calendar.get(calendar_id)
-            if group is not None:
-                group.discard(client)
-                if not group:
-                    del self.by_calendar[calendar_id]
+        self.index.remove(client, calendars, everything=everything)
+        self.subscriptions = self.index.count
 
     # -- publication -------------------------------------------------------------------------
     def publish(self, notification: Notification) -> None:
@@ -249,8 +221,8 @@ class FanoutHub:
         self.order.push(notification)
 
     def _fan_out(self, notification: Notification) -> None:
-        group = self.by_calendar.get(notification.calendar_id)
-        wildcards = self.wildcards
+        group = self.index.by_calendar.get(notification.calendar_id)
+        wildcards = self.index.wildcards
         if not group and not wildcards:
             return  # nobody listens: not even encoded
         seq = notification.seq
@@ -274,6 +246,19 @@ class FanoutHub:
         for client in slow:  # after the loop: closing changes no set, but stay clear of it
             self._slow_consumer(client)
 
+    def _gap(self, after: int, before: int) -> None:
+        """The seqs between `after` and `before` are published but could not be read: close
+        every socket that might have wanted one of them. Which calendars they were for is not
+        known (the store that would say is failing), so that is every socket with a
+        subscription, those still replaying included (their held live frames would have the
+        same hole). A socket with none could miss nothing and stays."""
+        lost = [c for c in self.clients if c.subscription_count and not c.closing]
+        log.warning(
+            "websocket_gap_closes", extra={"after": after, "before": before, "sockets": len(lost)}
+        )
+        for client in lost:
+            self.close(client, INTERNAL_ERROR, INTERRUPTED)
+
     # -- replay ------------------------------------------------------------------------------
     async def replay(
         self, client: Client, calendars: list[str] | None, after: int, epoch: str | None
@@ -281,12 +266,16 @@ class FanoutHub:
         """After `subscribe(..., replay=True)`: send the stored notifications with seq > after
         of `calendars` (None: all), then `replayed`, then the live ones held meanwhile."""
         self.replays += 1
-        count, complete = 0, True
         try:
             count, complete = await self._replay(client, calendars, after, epoch)
         except StoreError as error:
-            complete = False
+            # What the store holds is not lost, only unreadable now: rather than a `replayed`
+            # with a hole behind it (complete: false would send the client to refetch for
+            # nothing), the socket closes and the client resumes with `after` later.
+            log.warning("websocket_replay_failed", extra={"after": after, "reason": str(error)})
             self.send(client, {"type": "error", "code": "replay_failed", "message": str(error)})
+            self.close(client, INTERNAL_ERROR, INTERRUPTED)
+            return
         self.send(client, {"type": "replayed", "count": count, "complete": complete})
         buffer, client.buffer = client.buffer, None
         for seq, frame in buffer or ():

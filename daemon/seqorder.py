@@ -5,6 +5,12 @@ the one of seq 6. A store shows seq N only once N-1 is committed (`publish_notif
 when 7 is announced while 6 is not, 6 is readable already: it is read from the store rather
 than waited for (its announcement may never come, if its announcer failed). What is read and
 announced twice goes out once.
+
+When the store fails during such a read, the seqs it did not give are unknown: neither their
+contents nor their calendars. What was read goes out up to the first hole; then `on_gap` is
+told (the hub closes every socket that could have wanted a missing seq, contract 5: 1011),
+and the order goes on past the hole, so that whoever subscribes from then on is served in
+order again (and resumes the lost part by replay, which reads the store afresh).
 """
 
 from __future__ import annotations
@@ -23,9 +29,15 @@ FILL_PAGE = 500  # notifications read per step when filling a gap
 class InOrder:
     """Calls `emit` once per published seq, in increasing seq order."""
 
-    def __init__(self, store: Store, emit: Callable[[Notification], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        emit: Callable[[Notification], None],
+        on_gap: Callable[[int, int], None],
+    ) -> None:
         self.store = store
         self.emit = emit
+        self.on_gap = on_gap  # (last seq emitted, next seq emitted): what lies between is lost
         # The highest seq emitted; None until known (the store may be down at start).
         self.last: int | None = None
         self._held: dict[int, Notification] = {}  # announced ahead of a lower seq
@@ -69,20 +81,31 @@ class InOrder:
         try:
             while self._held and self.last is not None and not self.closed:
                 top = max(self._held)
-                found = await self._read(self.last, top)
+                found, failure = await self._read(self.last, top)
+                # `top` is held: every hole below it is met in this loop.
                 for seq in sorted(set(found) | {s for s in self._held if s <= top}):
                     notification = self._held.pop(seq, None) or found[seq]
-                    if seq > self.last:  # an announcement may have come during the read
-                        self.last = seq
-                        self.emit(notification)
-                # Up to `top` the store's answer is the whole truth (a seq it does not have was
-                # never published), or the read failed and the gap is given up.
-                self.last = max(self.last, top)
+                    if seq <= self.last:
+                        continue  # an announcement that came during the read, and was emitted
+                    if failure is not None and seq != self.last + 1:
+                        # A seq the failed read did not give: lost to whoever could want it.
+                        log.warning(
+                            "fanout_gap_unfilled",
+                            extra={"after": self.last, "before": seq, "reason": failure},
+                        )
+                        self.on_gap(self.last, seq)
+                        failure = None  # told once: the sockets it concerns are closed
+                    self.last = seq
+                    self.emit(notification)
+                # Up to `top`, a whole answer of the store is the truth: a seq it does not have
+                # was never published.
                 self._release()
         finally:
             self._filler = None
 
-    async def _read(self, after: int, up_to: int) -> dict[int, Notification]:
+    async def _read(self, after: int, up_to: int) -> tuple[dict[int, Notification], str | None]:
+        """The published notifications in (after, up_to], and why that may not be all of them
+        (None: it is; else the store failed part way)."""
         found: dict[int, Notification] = {}
         try:
             while after < up_to:
@@ -94,5 +117,5 @@ class InOrder:
                     break
                 after = max(found)
         except StoreError as error:
-            log.warning("fanout_gap_unfilled", extra={"after": after, "reason": str(error)})
-        return found
+            return found, str(error) or type(error).__name__
+        return found, None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 from http.client import responses
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from tornado import web, websocket
 from daemon.configfile import Subscriber
 from daemon.fanout import Client, FanoutHub
 from daemon.ids import calendar_id_problem
+from daemon.origins import ANY, normal_origin
 from handlers.base import ApiError, bearer_token
 from storage.base import StoreError
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 BAD_FRAMES_ALLOWED = 2  # the next one closes the socket with 1008
 SEQ_MAX = 2**63 - 1
+ORIGIN_SHOWN = 200  # characters of a refused Origin put in the log and the answer
 
 
 class BadMessage(Exception):
@@ -42,10 +45,6 @@ def find_subscriber(token: str, subscribers: tuple[Subscriber, ...]) -> Subscrib
         if hmac.compare_digest(given, subscriber.token.encode()) and found is None:
             found = subscriber
     return found
-
-
-def _origin_key(origin: str) -> str:
-    return origin.strip().rstrip("/").lower()
 
 
 def _calendar_list(data: dict[str, Any]) -> list[str]:
@@ -92,6 +91,14 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         self.subscriber = subscriber
         problem = self._origin_problem()
         if problem is not None:
+            origin = self.request.headers.get("Origin")
+            log.warning(
+                "websocket_origin_refused",
+                extra={
+                    "origin": None if origin is None else origin[:ORIGIN_SHOWN],
+                    "sec_fetch_site": self.request.headers.get("Sec-Fetch-Site"),
+                },
+            )
             raise ApiError(403, "origin_not_allowed", problem)
 
     def _origin_problem(self) -> str | None:
@@ -100,19 +107,28 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         headers = self.request.headers
         site = headers.get("Sec-Fetch-Site")
         origin = headers.get("Origin")
+        netloc = ""
+        if origin is not None:
+            try:
+                netloc = urlsplit(origin).netloc.lower()
+            except ValueError:  # "http://[::1": Tornado's own check would raise on it (a 500)
+                return f"origin {origin[:ORIGIN_SHOWN]} is not a URL"
         if site in ("same-origin", "none"):
             return None
         if origin is None:
             return None if site is None else f"Sec-Fetch-Site {site} without an Origin"
-        if site is None and urlsplit(origin).netloc.lower() == headers.get("Host", "").lower():
+        if site is None and netloc == headers.get("Host", "").lower():
             return None
         if self.check_origin(origin):
             return None
-        return f"origin {origin} is not in websocket.allowed_origins"
+        return f"origin {origin[:ORIGIN_SHOWN]} is not in websocket.allowed_origins"
 
     def check_origin(self, origin: str) -> bool:
-        allowed = self.service.config.websocket.allowed_origins
-        return _origin_key(origin) in {_origin_key(o) for o in allowed}
+        allowed = self.service.config.websocket.allowed_origins  # normal forms (the config)
+        if ANY in allowed:
+            return True
+        normal = normal_origin(origin)
+        return normal is not None and normal in allowed
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
@@ -146,13 +162,29 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         connection = self.ws_connection
         assert connection is not None and connection.stream is not None
         connection.set_nodelay(True)  # frames are joined per tick already; no Nagle delay
+        self._cap_send_buffer(connection.stream.socket)
         self.client = self.hub.connect(connection.stream, self.close)
         if self.client is None:
             self.close(1001, "server shutting down")
 
+    def _cap_send_buffer(self, sock: socket.socket | None) -> None:
+        """Left alone, Linux grows a socket's send buffer to tcp_wmem's maximum (some 4 MB) for
+        a client that never reads: websocket.max_queue would bound only what lies beyond."""
+        if sock is None:
+            return  # closed already: on_close follows
+        try:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, self.service.config.websocket.send_buffer
+            )
+        except OSError as error:  # the peer may be gone by now; the stream will notice
+            log.debug("websocket_send_buffer_not_set", extra={"reason": str(error)})
+
     def on_close(self) -> None:
         if self.client is not None:
             self.hub.disconnect(self.client)
+            # The Client holds this handler (its closer): without this, the two (and the
+            # socket's buffers) would wait for the cyclic GC's next full collection.
+            self.client = None
 
     def on_ping(self, data: bytes) -> None:
         if self.client is not None:
@@ -247,11 +279,12 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
                 calendar_id=calendar_id,
             )
         if refused:
-            limit = self.service.config.websocket.max_subscriptions
+            index = self.hub.index
             self._error(
                 client,
                 "too_many_subscriptions",
-                f"a socket may hold {limit} subscriptions; these were left out",
+                f"a socket may hold {index.max_count} subscriptions, their calendar ids "
+                f"{index.max_bytes} bytes in all; these were left out",
                 calendar_ids=refused,
             )
         if after is not None:

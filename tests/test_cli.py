@@ -52,6 +52,10 @@ def test_check_config_warns_about_a_plain_http_public_url(tmp_path):
         ("server:\n  port: 70000\n", "server.port: Input should be less than or equal to 65535"),
         ("server: {port: [\n", "not valid YAML"),
         ("server:\n  colour: blue\n", "server.colour: unknown key"),
+        (
+            "websocket:\n  allowed_origins: ['127.0.0.1:8765']\n",
+            "websocket.allowed_origins: '127.0.0.1:8765' is not scheme://host[:port]",
+        ),
     ],
 )
 def test_a_bad_config_is_one_line_and_exit_2(tmp_path, text, expected):

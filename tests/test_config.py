@@ -38,6 +38,7 @@ def test_defaults_match_the_contract():
     ws = config.websocket
     assert (ws.ping_interval, ws.max_queue, ws.max_message_size) == (25, 1000, 65536)
     assert (ws.max_connections, ws.max_subscriptions, ws.allowed_origins) == (20000, 1000, [])
+    assert ws.send_buffer == 131072
     assert config.backend.rooms_query == "{ allRooms { rooms { calendarId firebaseToken } } }"
     assert (config.backend.prune, config.backend.notify) == (False, False)
     assert (config.backend.refresh_interval, config.backend.timeout) == (0, 10)
@@ -103,6 +104,17 @@ def test_environment_values_are_yaml(tmp_path):
         ("auth:\n  api_keys: [short]\n", {}, "auth.api_keys: every key needs 16 characters"),
         ("auth:\n  api_keys_file: nope.txt\n", {}, "auth.api_keys_file: cannot read"),
         ("logging:\n  level: loud\n", {}, "logging.level: Input should be 'debug'"),
+        (
+            "websocket:\n  allowed_origins: ['127.0.0.1:8765']\n",
+            {},
+            "websocket.allowed_origins: '127.0.0.1:8765' is not scheme://host[:port]",
+        ),
+        ("websocket:\n  allowed_origins: ['https://a.example/app']\n", {}, "no path"),
+        ("websocket:\n  allowed_origins: ['https://a.example:99999']\n", {}, "port"),
+        ("websocket:\n  allowed_origins: ['https://']\n", {}, "websocket.allowed_origins:"),
+        ("websocket:\n  allowed_origins: ['https://u@a.example']\n", {}, "no user"),
+        ("websocket:\n  allowed_origins: ['https://a.example?x']\n", {}, "no path"),
+        ("websocket:\n  allowed_origins: ['']\n", {}, "websocket.allowed_origins:"),
     ],
 )
 def test_a_bad_config_is_one_line_naming_the_key(tmp_path, text, environ, message):
@@ -110,6 +122,22 @@ def test_a_bad_config_is_one_line_naming_the_key(tmp_path, text, environ, messag
         load_config(write(tmp_path, text), environ=environ)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_allowed_origins_are_checked_and_normalised(tmp_path):
+    text = (
+        "websocket:\n  allowed_origins: ['*', 'HTTPS://App.Example:443', 'http://[::1]:8080',"
+        " 'capacitor://localhost', 'http://b.example:80', 'https://c.example:8443']\n"
+    )
+    loaded = load_config(write(tmp_path, text), environ={})
+    assert loaded.config.websocket.allowed_origins == [
+        "*",
+        "https://app.example",
+        "http://[::1]:8080",
+        "capacitor://localhost",
+        "http://b.example",
+        "https://c.example:8443",
+    ]
 
 
 def test_a_missing_config_file_is_an_error(tmp_path):

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
+import gc
 import json
+import logging
 import os
 import socket
 import struct
+import sys
+import termios
 from typing import Any
 from urllib.parse import quote
 
@@ -16,7 +21,9 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from storage.base import Notification
+from daemon import fanout, seqorder
+from daemon.ids import CALENDAR_ID_MAX
+from storage.base import Notification, StoreError
 from tests.fixtures import API_KEY, call, clock, emulator, make_service  # noqa: F401
 
 TOKEN = "subscriber-token-sees-all-0123456789"
@@ -143,6 +150,59 @@ async def test_origins(make_service):
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_a_star_allows_any_origin_but_still_wants_the_token(make_service):
+    service = await make_service(overrides(allowed_origins=["*"]))
+    for origin in ("https://anywhere.example", "null", "capacitor://localhost"):
+        ws = await connect(service, headers={"Origin": origin, "Sec-Fetch-Site": "cross-site"})
+        assert (await until_pong(ws)) == [], origin
+        ws.close()
+    assert (await refused(service, "nope", headers={"Origin": "https://a.example"}))[0] == 401
+    # One that is no URL at all is refused (urlsplit raises on it), never a 500.
+    for headers in ({"Origin": "http://[::1"}, {"Origin": "http://[zz]", "Sec-Fetch-Site": "none"}):
+        status, body = await refused(service, headers=headers)
+        assert (status, body["error"]["code"]) == (403, "origin_not_allowed"), headers
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_origins_match_whatever_their_case_and_default_port(make_service):
+    allowed = ["https://App.Example.com:443", "http://b.example", "https://c.example:8443"]
+    service = await make_service(overrides(allowed_origins=allowed))
+    for origin in (
+        "https://app.example.com",
+        "HTTPS://APP.EXAMPLE.COM:443",
+        "http://b.example:80",
+        "https://c.example:8443",
+    ):
+        ws = await connect(service, headers={"Origin": origin, "Sec-Fetch-Site": "cross-site"})
+        assert (await until_pong(ws)) == [], origin
+        ws.close()
+    for origin in (
+        "http://app.example.com",  # another scheme
+        "https://app.example.com:8443",  # another port
+        "https://c.example",
+        "https://app.example.com.evil.example",
+        "not an origin",
+    ):
+        status, body = await refused(service, headers={"Origin": origin})
+        assert (status, body["error"]["code"]) == (403, "origin_not_allowed"), origin
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_refused_origin_is_logged_with_the_origin_it_presented(make_service, caplog):
+    service = await make_service(overrides(allowed_origins=["https://app.example.com"]))
+    caplog.set_level(logging.DEBUG, logger="handlers")
+    await refused(
+        service, headers={"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    )
+    await refused(service, headers={"Sec-Fetch-Site": "cross-site"})
+    records = [r for r in caplog.records if r.getMessage() == "websocket_origin_refused"]
+    assert [(r.levelno, r.origin) for r in records] == [  # type: ignore[attr-defined]
+        (logging.WARNING, "https://evil.example"),
+        (logging.WARNING, None),
+    ]
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_max_connections_is_503_before_the_upgrade(make_service):
     service = await make_service(overrides(max_connections=1))
     first = await connect(service)
@@ -219,6 +279,96 @@ async def test_max_subscriptions(make_service):
     assert error["code"] == "too_many_subscriptions" and error["calendar_ids"] == [ROOM_C]
     assert (await subscribe(ws, [ROOM_A]))["calendar_ids"] == [ROOM_A]  # held already: fine
     assert await until_pong(ws) == []
+
+
+def long_ids(prefix: str, count: int, length: int = CALENDAR_ID_MAX) -> list[str]:
+    return [f"{prefix}{n:04d}".ljust(length, "x") for n in range(count)]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_socket_s_calendar_ids_are_bounded_in_bytes(make_service):
+    service = await make_service(overrides(max_subscriptions=500))
+    ws = await connect(service)
+    # Each id is as long as PUT /v1/rooms takes; 60 of them fit in a frame.
+    ids = long_ids("room-", 180)
+    accepted, refused = [], []
+    for start in range(0, len(ids), 60):
+        accepted += (await subscribe(ws, ids[start : start + 60]))["calendar_ids"]
+        if start + 60 > 128:
+            error = await receive(ws)
+            assert error["code"] == "too_many_subscriptions", error
+            refused += error["calendar_ids"]
+    bound = 131072  # bytes of calendar ids per socket (at least; more with max_subscriptions)
+    assert len(accepted) == bound // CALENDAR_ID_MAX and refused == ids[len(accepted) :]
+    assert service.fanout.subscriptions == len(accepted)
+    # Room again once some are given back.
+    await send(ws, {"type": "unsubscribe", "calendar_ids": accepted[:2]})
+    assert (await receive(ws))["type"] == "unsubscribed"
+    assert (await subscribe(ws, refused[:3]))["calendar_ids"] == refused[:2]
+    assert (await receive(ws))["calendar_ids"] == refused[2:3]
+    # Non-ASCII ids count in UTF-8 bytes (what a str of them may cost, give or take).
+    other = await connect(service)
+    wide = ["\u00e9" * 1000 + f"{n:03d}" for n in range(70)]  # 2003 bytes each
+    took = []
+    for start in (0, 30, 60):
+        frame = {"type": "subscribe", "calendar_ids": wide[start : start + 30]}
+        await send(other, json.dumps(frame, ensure_ascii=False))  # 2 bytes an id's é too
+        answer = await receive(other)
+        took += answer["calendar_ids"]
+    assert took == wide[: bound // 2003]
+    assert (await receive(other))["calendar_ids"] == wide[bound // 2003 :]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_sockets_share_one_copy_of_each_calendar_id(make_service):
+    service = await make_service(overrides())
+    first, second = await connect(service), await connect(service)
+    for ws in (first, second):
+        await subscribe(ws, [ROOM_A, ROOM_B])
+    held = [sorted(c.calendars) for c in service.fanout.clients]
+    assert held[0] == held[1] == [ROOM_A, ROOM_B]
+    assert all(a is b for a, b in zip(*held, strict=True))  # the same str objects
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_calendar_index_gives_its_table_back_when_subscriptions_go(make_service):
+    service = await make_service(overrides(max_subscriptions=5000))
+    ws = await connect(service)
+    ids = [f"room-{n:04d}@x" for n in range(3000)]
+    await subscribe(ws, ids)
+    index = service.fanout.index
+    full = sys.getsizeof(index.by_calendar)
+    await send(ws, {"type": "unsubscribe", "calendar_ids": ids[10:]})
+    assert (await receive(ws))["type"] == "unsubscribed"
+    assert len(index.by_calendar) == 10
+    assert sys.getsizeof(index.by_calendar) < full / 10  # a dict keeps its table on its own
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_closed_socket_is_freed_without_waiting_for_the_cyclic_gc(make_service):
+    service = await make_service(overrides())
+    hub = service.fanout
+    stays = await connect(service)
+    goes = await connect(service)
+    await subscribe(goes, long_ids("room-", 50))
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    disconnect = hub.disconnect
+
+    def disconnected(client: Any) -> None:
+        disconnect(client)
+        gone.set_result(None)
+
+    hub.disconnect = disconnected  # type: ignore[method-assign]
+    gc.collect()  # what earlier tests left
+    gc.disable()
+    try:
+        goes.close()
+        await gone  # resumed after the handler's on_close has returned
+        alive = [o for o in gc.get_objects() if type(o) is fanout.Client]
+        assert len(alive) == 1, "a closed socket's Client waits for the cyclic GC"
+    finally:
+        gc.enable()
+    assert await until_pong(stays) == []
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -392,6 +542,110 @@ async def test_announcements_out_of_order_still_go_out_in_seq_order(make_service
     assert await until_pong(ws) == []
 
 
+class Reads:
+    """The store's list_notifications, made to fail (StoreError, as a failing disk or a lost
+    database would) from a given call on: nothing else can make the real store fail on cue."""
+
+    def __init__(self, service) -> None:
+        self.store = service.store
+        self.read = service.store.list_notifications
+        self.calls = 0
+        self.fail_from: int | None = None
+        self.store.list_notifications = self._list  # type: ignore[method-assign]
+
+    def fail(self, after_calls: int = 0) -> None:
+        self.fail_from = self.calls + after_calls
+
+    def heal(self) -> None:
+        self.fail_from = None
+
+    async def _list(self, *args: Any, **kwargs: Any) -> list[Notification]:
+        self.calls += 1
+        if self.fail_from is not None and self.calls > self.fail_from:
+            raise StoreError("disk I/O error")
+        return await self.read(*args, **kwargs)
+
+
+async def closed_with(ws) -> tuple[list[int], int | None]:
+    """The seqs a socket gets before its close, and the close code."""
+    seqs = []
+    while (text := await ws.read_message()) is not None:
+        message = json.loads(text)
+        assert message["type"] == "notification", message
+        seqs.append(message["seq"])
+    return seqs, ws.close_code
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_gap_that_cannot_be_filled_closes_every_subscribed_socket_1011(
+    make_service, caplog
+):
+    service = await make_service(overrides())
+    reads = Reads(service)
+    star, room_a, room_b, idle = [await connect(service) for _ in range(4)]
+    await subscribe(star, ["*"])
+    await subscribe(room_a, [ROOM_A])
+    await subscribe(room_b, [ROOM_B])  # the missing seq is ROOM_A's, but nobody can know that
+    assert await until_pong(idle) == []
+    first, second = [await store_one(service, ROOM_A) for _ in range(2)]
+    reads.fail()
+    announce(service, second)  # seq N+1 before N: N is read from the store, which fails
+    for ws in (star, room_a, room_b):
+        assert await closed_with(ws) == ([], 1011)
+    assert star.close_reason == "notification stream interrupted"
+    assert any(r.getMessage() == "fanout_gap_unfilled" for r in caplog.records)
+    # A socket with no subscription could miss nothing: it stays, and publication goes on in
+    # order from past the gap (the late announcement of N is not sent: it is behind).
+    assert await until_pong(idle) == []
+    reads.heal()
+    await subscribe(idle, ["*"])
+    announce(service, first)
+    third = await publish(service, ROOM_B)
+    assert [m["seq"] for m in await until_pong(idle)] == [third.seq]
+    assert service.fanout.connected == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_what_was_read_before_the_store_failed_goes_out_then_1011(make_service, monkeypatch):
+    monkeypatch.setattr(seqorder, "FILL_PAGE", 1)
+    service = await make_service(overrides())
+    reads = Reads(service)
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A])
+    stored = [await store_one(service, ROOM_A) for _ in range(4)]
+    reads.fail(after_calls=1)  # the first page of the fill is read, the second fails
+    announce(service, stored[3])
+    assert await closed_with(ws) == ([stored[0].seq], 1011)
+    # Read in part, but nothing missing: the stream is whole, nobody is closed.
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A])
+    stored = [await store_one(service, ROOM_A) for _ in range(2)]
+    reads.fail(after_calls=1)
+    announce(service, stored[1])
+    assert [(await receive(ws))["seq"] for _ in stored] == [n.seq for n in stored]
+    assert await until_pong(ws) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_replay_the_store_fails_closes_1011_rather_than_skip(make_service):
+    service = await make_service(overrides())
+    reads = Reads(service)
+    published = [await publish(service, ROOM_A) for _ in range(3)]
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A, ROOM_B])
+    reads.fail()
+    await send(ws, {"type": "subscribe", "calendar_ids": [ROOM_C], "after": 0})
+    assert (await receive(ws))["type"] == "subscribed"
+    error = await receive(ws)
+    assert (error["type"], error["code"]) == ("error", "replay_failed")
+    assert await closed_with(ws) == ([], 1011)
+    # The client resumes with `after` once the store is back.
+    reads.heal()
+    ws = await connect(service)
+    await subscribe(ws, [ROOM_A], after=published[0].seq)
+    assert (await replay_of(ws))[0] == [n.seq for n in published[1:]]
+
+
 @pytest.mark.gen_test(timeout=20)
 async def test_replay_is_incomplete_when_history_does_not_reach_back(make_service):
     service = await make_service(overrides())
@@ -539,6 +793,41 @@ async def test_a_slow_consumer_is_closed_and_nobody_waits_for_it(make_service):
     slow.close()
     assert await until_pong(good) == []
     assert service.fanout.connected == 1
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes the kernel holds in a socket's send queue, not yet acknowledged (Linux)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ and SO_SNDBUF doubling: Linux")
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_never_reads_holds_a_bounded_kernel_send_buffer(make_service):
+    service = await make_service(overrides())
+    send_buffer = service.config.websocket.send_buffer
+    assert send_buffer == 131072
+    silent = await raw_connect(service, rcvbuf=4096)
+    reader = RawReader(silent)
+    await raw_send(silent, {"type": "subscribe", "calendar_ids": ["*"]})
+    assert json.loads((await reader.frame() or (0, b""))[1])["type"] == "subscribed"
+    [client] = [c for c in service.fanout.clients if c.subscription_count]
+    stream = client.outbox.stream
+    server_side = stream.socket
+    # Linux doubles what it is given (the rest is for its own bookkeeping).
+    assert server_side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * send_buffer
+    good = await connect(service)
+    await subscribe(good, ["*"])
+    for _ in range(200):  # 60 KB each: without the cap the kernel takes some 3 MB first
+        published = await publish(service, ROOM_A, size=60_000)
+        assert (await receive(good))["seq"] == published.seq  # both outboxes were flushed
+        if stream._total_write_done_index < stream._total_write_index:
+            break  # the kernel takes no more: the rest waits in the stream (max_queue counts it)
+    else:
+        raise AssertionError("the kernel took everything")
+    # One write may pass the bound before the kernel refuses the next.
+    assert queued_bytes(server_side) <= 2 * send_buffer + 65536
+    assert service.fanout.slow_consumer_closes == 0
+    silent.close()
 
 
 @pytest.mark.gen_test(timeout=20)
