@@ -18,7 +18,7 @@ from tornado.netutil import bind_sockets
 from daemon.channels import ChannelManager
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config
-from daemon.configfile import ConfigError, LoadedConfig, Secrets
+from daemon.configfile import ConfigError, LoadedConfig, Secrets, local_url, public_url
 from daemon.delivery import DeliveryWorker
 from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
@@ -30,7 +30,7 @@ from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
 from storage import make_store
-from storage.base import Notification, Store, StoreError
+from storage.base import Notification, Store, StoreConfigError, StoreError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mrm_push.access")
@@ -56,9 +56,7 @@ class Service:
         self.secrets: Secrets = loaded.secrets
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
-        self.store: Store = store or make_store(
-            self.config.storage.url, self.config.storage.mongo_driver
-        )
+        self.store: Store = store or _make_store(self.config)
         self.google = self._make_google()
         self.channels = ChannelManager(self.store, self.google, self.clock, self.config)
         self.rooms = Rooms(self.store, self.channels, self.clock)
@@ -112,11 +110,7 @@ class Service:
     def _make_google(self) -> GoogleCalendar | None:
         google = self.config.google
         if not google.service_account_file:
-            log.warning(
-                "google_not_configured",
-                extra={"reason": "google.service_account_file is not set; no channel can be made"},
-            )
-            return None
+            return None  # serve logs it (configcheck.warnings); /readyz says so
         try:
             return GoogleCalendar(
                 service_account_file=google.service_account_file,
@@ -127,17 +121,14 @@ class Service:
             )
         except (OSError, ValueError, KeyError) as error:
             raise ConfigError(
-                f"google.service_account_file: cannot use {google.service_account_file} ({error})"
+                f"cannot use {google.service_account_file} ({error})",
+                key="google.service_account_file",
             ) from None
 
     def _make_fcm_sender(self) -> FcmSender | None:
         fcm = self.config.fcm
         if not fcm.service_account_file:
-            log.warning(
-                "fcm_not_configured",
-                extra={"reason": "fcm.service_account_file is not set; tablets get nothing"},
-            )
-            return None
+            return None  # serve logs it (configcheck.warnings); /readyz says so
         project_id = fcm.project_id or _key_project_id(fcm.service_account_file)
         return make_sender(
             fcm.backend,
@@ -214,11 +205,17 @@ class Service:
 
     # -- life --------------------------------------------------------------------------------
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
-        """Open the store (StoreConfigError stops the start) and listen."""
-        await self.store.open()
+        """Open the store (a store that cannot work is a ConfigError on storage.url) and
+        listen on `sockets` (bound here when not given)."""
+        try:
+            await self.store.open()
+        except StoreConfigError as error:
+            raise _store_config_error(error) from None
         await self.fanout.start()
         server = self.config.server
         self.sockets = sockets or bind_sockets(server.port, server.host)
+        # With server.port 0 and no server.public_url, channels name the port actually bound.
+        self.channels.public_url = public_url(server, self.port)
         self.server = HTTPServer(
             self.app,
             xheaders=server.xheaders,
@@ -254,7 +251,8 @@ class Service:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Where this machine reaches the service (127.0.0.1 for a wildcard host)."""
+        return local_url(self.config.server.host, self.port)
 
     async def stop(self) -> None:
         """Stop accepting, stop periodic work, close connections and the store."""
@@ -327,8 +325,27 @@ def _key_project_id(key_file: str) -> str:
     try:
         with open(key_file, encoding="utf-8") as stream:
             project_id = json.load(stream).get("project_id")
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"fcm.service_account_file: cannot use {key_file} ({error})") from None
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(
+            f"cannot use {key_file} ({error})", key="fcm.service_account_file"
+        ) from None
     if not isinstance(project_id, str) or not project_id:
-        raise ConfigError("fcm.project_id: not set, and the key file names no project_id")
+        raise ConfigError("not set, and the key file names no project_id", key="fcm.project_id")
     return project_id
+
+
+def _make_store(config: Config) -> Store:
+    try:
+        return make_store(config.storage.url, config.storage.mongo_driver)
+    except StoreConfigError as error:
+        raise _store_config_error(error) from None
+
+
+def _store_config_error(error: StoreConfigError) -> ConfigError:
+    """A store that can never work as configured, as the config error it is: the stores say
+    "storage.url: ..." (or "storage.mongo_driver: ...", or "storage: <path> ...")."""
+    text = str(error)
+    for key in ("storage.url", "storage.mongo_driver"):
+        if text.startswith(key + ": "):
+            return ConfigError(text[len(key) + 2 :], key=key)
+    return ConfigError(text.removeprefix("storage: "), key="storage.url")

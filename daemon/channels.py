@@ -13,6 +13,7 @@ from typing import Any
 from daemon.backoff import backoff_delay
 from daemon.clock import Clock
 from daemon.config import Config
+from daemon.configfile import public_url
 from daemon.google_calendar import (
     GoogleCalendar,
     GoogleError,
@@ -61,6 +62,8 @@ class ChannelManager:
         self.google = google
         self.clock = clock
         self.config = config
+        # The service sets the port it actually bound (server.port 0) once it listens.
+        self.public_url = public_url(config.server)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_created = 0.0
@@ -69,7 +72,7 @@ class ChannelManager:
 
     @property
     def address(self) -> str:
-        return self.config.server.public_url + self.config.google.webhook_path
+        return self.public_url + self.config.google.webhook_path
 
     def _creation_time(self) -> float:
         """Now, but strictly after the previous channel's creation: `created_at` orders a

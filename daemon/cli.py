@@ -7,18 +7,25 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from daemon.configfile import ConfigError, LoadedConfig, describe, load_config, warnings
+from daemon.configcheck import key_file_errors, warnings
+from daemon.configfile import ConfigError, LoadedConfig, describe, load_config
+from daemon.listen import StartError, listen
 from daemon.logs import setup_logging
 from daemon.sdnotify import SdNotifier
-from storage.base import StoreConfigError
+
+if TYPE_CHECKING:
+    from daemon.app import Service
+    from daemon.emulator.run import Demo
 
 log = logging.getLogger("mrm_push")
 
-EXIT_CONFIG = 2
+EXIT_RUNTIME = 1  # systemd restarts it
+EXIT_CONFIG = 2  # systemd does not (RestartPreventExitStatus=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,75 +51,150 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_config(args.config)
     except ConfigError as error:
-        print(f"mrm-push: config: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_failure(error)
     if args.command == "check-config":
         return check_config(loaded)
     setup_logging(loaded.config.logging.level)
     if args.command == "emulator":
         from daemon.emulator.run import run_emulator
 
-        return asyncio.run(run_emulator(args.host, args.port, loaded))
+        try:
+            return asyncio.run(run_emulator(args.host, args.port, loaded))
+        except ConfigError as error:
+            return config_failure(error, loaded)
+        except StartError as error:
+            return start_failure(error)
     return asyncio.run(serve(loaded, with_emulator=args.emulator))
+
+
+def config_failure(error: ConfigError, loaded: LoadedConfig | None = None) -> int:
+    """One line naming the key and where its value came from; systemd does not restart."""
+    if loaded is not None:
+        error = loaded.locate(error)
+    print(f"mrm-push: config: {error}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def start_failure(error: StartError) -> int:
+    print(f"mrm-push: {error}", file=sys.stderr)
+    return EXIT_RUNTIME
 
 
 def check_config(loaded: LoadedConfig) -> int:
     print(f"# config file: {loaded.path or 'none (built-in defaults)'}")
     for line in describe(loaded):
         print(line)
-    for warning in warnings(loaded.config):
+    for warning in warnings(loaded):
         print(f"warning: {warning}", file=sys.stderr)
-    return 0
+    errors = key_file_errors(loaded)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return EXIT_CONFIG if errors else 0
+
+
+def validate(loaded: LoadedConfig) -> None:
+    """What the schema cannot see: the key files, opened as the service will open them."""
+    errors = key_file_errors(loaded)
+    if errors:
+        raise errors[0]
+
+
+def log_warnings(loaded: LoadedConfig, port: int) -> None:
+    """check-config's warnings, as WARNING lines at start."""
+    for warning in warnings(loaded, port):
+        log.warning("config_warning", extra={"key": warning.key, "reason": warning.reason})
 
 
 async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
-    """Start, wait for SIGTERM or SIGINT, drain, exit 0 (2 when the start is impossible)."""
-    from daemon.app import Service
-
-    notifier = SdNotifier()
+    """Start, wait for SIGTERM or SIGINT, drain: exit 0. A configuration error stops the start
+    with exit 2, anything else that stops it with exit 1; either is one line on stderr."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         # The handler only sets a flag; the shutdown runs on the loop like everything else.
         loop.add_signal_handler(signum, stop_requested.set)
-    emulator = None
-    if with_emulator:
-        from daemon.emulator import run as emulator_run
-        from daemon.emulator.app import OffsetClock
-
-        emulator = emulator_run.start_emulator()
-        demo = emulator_run.prepare_demo(emulator, Path(loaded.config.server.state_dir))
-        loaded = emulator_run.with_emulator(loaded, emulator, demo)
-        log.warning("emulator_mode", extra={"emulator": emulator.base_url})
     try:
-        service = Service(loaded, clock=emulator.clock if emulator else None)
+        service, demo = await start(loaded, with_emulator=with_emulator)
     except ConfigError as error:
-        print(f"mrm-push: config: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_failure(error)
+    except StartError as error:
+        return start_failure(error)
+    except Exception as error:  # unforeseen: one line too, the traceback in a JSON log line
+        log.exception("start_failed")
+        return start_failure(StartError(f"cannot start: {type(error).__name__}: {error}"))
+    if demo is not None:
+        demo.started(service)
+    return await run_until_stopped(
+        service, stop_requested, loaded.config.server.shutdown_timeout, demo
+    )
+
+
+async def start(loaded: LoadedConfig, *, with_emulator: bool) -> tuple[Service, Demo | None]:
+    """The start in steps: the emulator (with --emulator), the key files, the service, the
+    listening sockets, the config warnings, the store and the server. A step that fails undoes
+    what the earlier ones made and raises: ConfigError (naming where its key came from),
+    StartError, or whatever went wrong unforeseen."""
+    from daemon.app import Service
+
+    demo: Demo | None = None
+    service: Service | None = None
+    sockets: list[socket.socket] = []
     try:
-        await service.start()
-    except (StoreConfigError, OSError) as error:
-        print(f"mrm-push: cannot start: {error}", file=sys.stderr)
-        await service.store.close()
-        return EXIT_CONFIG
-    if emulator is not None:
-        if isinstance(emulator.clock, OffsetClock):
-            emulator.clock.listeners.append(lambda: service.run_periodic_now("renew"))
-        print(emulator_run.demo_instructions(service.base_url, emulator, demo), flush=True)
+        if with_emulator:
+            demo = start_demo(loaded)
+            loaded = demo.loaded
+        validate(loaded)
+        service = Service(loaded, clock=demo.emulator.clock if demo else None)
+        sockets = listen(loaded.config.server.port, loaded.config.server.host)
+        log_warnings(loaded, sockets[0].getsockname()[1])
+        await service.start(sockets)
+    except BaseException as error:
+        await _abandon(service, sockets, demo)
+        if isinstance(error, ConfigError):
+            raise loaded.locate(error) from None
+        raise
+    return service, demo
+
+
+def start_demo(loaded: LoadedConfig) -> Demo:
+    """`serve --emulator`: the emulator in this process, the config pointed at it."""
+    from daemon.emulator import run as emulator_run
+
+    return emulator_run.start_demo(loaded)
+
+
+async def run_until_stopped(
+    service: Service, stop_requested: asyncio.Event, drain_limit: float, demo: Demo | None
+) -> int:
+    """Ready until SIGTERM/SIGINT, then drain within `drain_limit` seconds; exit code 0."""
+    notifier = SdNotifier()
     notifier.notify("READY=1")
     watchdog = _start_watchdog(notifier)
     await stop_requested.wait()
-    log.info("shutting_down", extra={"timeout": loaded.config.server.shutdown_timeout})
+    log.info("shutting_down", extra={"timeout": drain_limit})
     notifier.notify("STOPPING=1")
     if watchdog is not None:
         watchdog.cancel()
     try:
-        await asyncio.wait_for(service.stop(), loaded.config.server.shutdown_timeout)
+        await asyncio.wait_for(service.stop(), drain_limit)
     except TimeoutError:
-        log.error("shutdown_timed_out", extra={"timeout": loaded.config.server.shutdown_timeout})
-    if emulator is not None:
-        emulator.stop()
+        log.error("shutdown_timed_out", extra={"timeout": drain_limit})
+    if demo is not None:
+        demo.stop()
     return 0
+
+
+async def _abandon(
+    service: Service | None, sockets: list[socket.socket], demo: Demo | None
+) -> None:
+    """Undo a start that failed half-way."""
+    for sock in sockets:
+        sock.close()
+    if service is not None:
+        await service.store.close()
+        service.fcm_executor.shutdown(wait=False)
+    if demo is not None:
+        demo.stop()
 
 
 def _start_watchdog(notifier: SdNotifier) -> asyncio.Task[None] | None:

@@ -44,8 +44,10 @@ class Server(Section):
 
     host: str = key("127.0.0.1", "", "address to listen on")
     port: int = key(8080, "", "TCP port to listen on (0: any free port)", ge=0, le=65535)
-    public_url: str = key(
-        "http://127.0.0.1:8080", "URL", "how Google reaches us; https:// unless loopback"
+    public_url: str | None = key(
+        None,
+        "URL",
+        "how Google reaches us; https:// unless loopback (none: http://<host>:<port>)",
     )
     xheaders: bool = key(False, "", "trust X-Forwarded-For/-Proto from a proxy in front")
     max_body_size: int = key(65536, "bytes", "larger request bodies get 413", ge=1024, le=2**26)
@@ -56,7 +58,9 @@ class Server(Section):
 
     @field_validator("public_url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")

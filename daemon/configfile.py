@@ -14,14 +14,34 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from daemon.config import SECTIONS, Config, Section
+from daemon.config import SECTIONS, Config, Section, Server
 
 ENV_PREFIX = "MRM_PUSH__"
 MASK = "********"
 
 
 class ConfigError(Exception):
-    """One line naming the key and the reason; the start stops with exit code 2."""
+    """One line naming the key, where its value came from, and the reason; exit code 2.
+
+    `key` is the dotted key ("storage.url"), None when the problem is the file itself;
+    `origin` the file's path, the environment variable, or "default" (see `origin_of`).
+    """
+
+    def __init__(self, reason: str, *, key: str | None = None, origin: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.key = key
+        self.origin = origin
+
+    def at(self, origin: str) -> ConfigError:
+        """The same error, saying where the key's value came from."""
+        return ConfigError(self.reason, key=self.key, origin=origin)
+
+    def __str__(self) -> str:
+        if self.key is None:
+            return self.reason
+        where = f" ({self.origin})" if self.origin else ""
+        return f"{self.key}{where}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,30 @@ class LoadedConfig:
     path: Path | None  # the file read, None when running on defaults
     sources: dict[str, str] = field(default_factory=dict)  # "section.key" → where it came from
 
+    def origin(self, key: str) -> str:
+        """Where a key's value came from, for an error line (see `origin_of`)."""
+        return origin_of(key, self.sources, self.path)
+
+    def locate(self, error: ConfigError) -> ConfigError:
+        """`error` naming where its key came from (unless it says so already)."""
+        if error.key is None or error.origin is not None:
+            return error
+        return error.at(self.origin(error.key))
+
+
+def origin_of(key: str, sources: Mapping[str, str], path: Path | None) -> str:
+    """The environment variable that set `key`, the config file's path, or "default"; a
+    sub-key (auth.subscribers.0.token) is looked up by its section.key."""
+    parts = key.split(".")
+    source = sources.get(".".join(parts[:2]))
+    if source is None and len(parts) == 1:  # a whole section (an unknown one, say)
+        source = next((s for k, s in sources.items() if k.startswith(key + ".")), None)
+    if source is None:
+        return "default"
+    if source.startswith("environment (") and source.endswith(")"):
+        return source[len("environment (") : -1]
+    return str(path) if source == "file" and path is not None else source
+
 
 def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedConfig:
     """Read, merge, check and resolve; raises ConfigError with one line on any problem."""
@@ -57,6 +101,7 @@ def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> L
     if file_path is not None:
         raw = _read_yaml(file_path)
         for section, values in raw.items():
+            sources[section] = "file"  # an unknown section's error names the file
             for name in values if isinstance(values, dict) else ():
                 sources[f"{section}.{name}"] = "file"
     for name, text in sorted(environ.items()):
@@ -71,13 +116,20 @@ def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> L
             raise ConfigError(f"{name}: not a YAML value ({_first_line(error)})") from None
         section = raw.setdefault(parts[0], {})
         if not isinstance(section, dict):
-            raise ConfigError(f"{parts[0]}: must be a mapping of keys")
+            where = str(file_path) if file_path else name
+            raise ConfigError("must be a mapping of keys", key=parts[0], origin=where)
         section[parts[1]] = value
         sources[".".join(parts)] = f"environment ({name})"
-    config = _validate(raw)
-    base = file_path.parent if file_path else Path.cwd()
-    config = _resolve_paths(config, base)
-    return LoadedConfig(config, _read_secrets(config), file_path, sources)
+    try:
+        config = _validate(raw)
+        base = file_path.parent if file_path else Path.cwd()
+        config = _resolve_paths(config, base)
+        secrets_ = _read_secrets(config)
+    except ConfigError as error:
+        if error.key is None:
+            raise
+        raise error.at(origin_of(error.key, sources, file_path)) from None
+    return LoadedConfig(config, secrets_, file_path, sources)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -95,7 +147,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: must be a mapping of sections, not {type(data).__name__}")
     for section, values in data.items():
         if section in SECTIONS and not isinstance(values, dict | None):
-            raise ConfigError(f"{section}: must be a mapping of keys")
+            raise ConfigError("must be a mapping of keys", key=section, origin=str(path))
     return {section: values or {} for section, values in data.items()}
 
 
@@ -110,11 +162,23 @@ def _validate(raw: dict[str, Any]) -> Config:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
-            raise ConfigError(f"{where}: unknown key") from None
-        got = first.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            raise ConfigError("unknown key", key=where) from None
+        shown = _shown(where, first.get("input"))
         reason = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {reason}{shown}") from None
+        raise ConfigError(f"{reason}{shown}", key=where) from None
+
+
+def _shown(where: str, got: Any) -> str:
+    """The wrong value, for the error line; never a secret, never a URL's password."""
+    section, _, name = where.partition(".")
+    schema = SECTIONS.get(section)
+    info = schema.model_fields.get(name.split(".")[0]) if schema else None
+    extra = info.json_schema_extra if info and isinstance(info.json_schema_extra, dict) else {}
+    if isinstance(got, dict) or extra.get("secret"):
+        return ""
+    if isinstance(got, str) and "@" in got:
+        got = _without_userinfo(got)
+    return f" (got {got!r})"
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -146,7 +210,9 @@ def _read_secret_file(where: str, path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"{where}: cannot read {path} ({error.strerror})") from None
+        raise ConfigError(f"cannot read {path} ({error.strerror})", key=where) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text", key=where) from None
 
 
 def _one_secret(where: str, value: str | None, path: str | None) -> str | None:
@@ -154,7 +220,7 @@ def _one_secret(where: str, value: str | None, path: str | None) -> str | None:
         return value
     text = _read_secret_file(where, path).strip()
     if not text:
-        raise ConfigError(f"{where}: {path} is empty")
+        raise ConfigError(f"{path} is empty", key=where)
     return text
 
 
@@ -166,7 +232,8 @@ def _read_secrets(config: Config) -> Secrets:
         keys += [line.strip() for line in text.splitlines() if line.strip()[:1] not in ("", "#")]
     for api_key in keys:
         if len(api_key) < 16:
-            raise ConfigError("auth.api_keys: every key needs 16 characters or more")
+            where = "auth.api_keys_file" if api_key not in auth.api_keys else "auth.api_keys"
+            raise ConfigError("every key needs 16 characters or more", key=where)
     subscribers = []
     for index, sub in enumerate(auth.subscribers):
         where = f"auth.subscribers.{index}.token_file"
@@ -195,19 +262,25 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def warnings(config: Config) -> list[str]:
-    """What check-config says beside the values."""
-    found = []
-    public_url = config.server.public_url
-    if not public_url.startswith("https://") and not is_loopback_url(public_url):
-        found.append(
-            f"server.public_url: {public_url} is not https://; Google only calls https:// webhooks"
-        )
-    if not config.google.service_account_file:
-        found.append("google.service_account_file: not set; channels cannot be made")
-    if not config.fcm.service_account_file:
-        found.append("fcm.service_account_file: not set; tablets cannot be reached")
-    return found
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - names, not binds
+
+
+def local_url(host: str, port: int) -> str:
+    """`http://<host>:<port>` to reach a server listening there from this machine: 127.0.0.1
+    for a wildcard host, brackets around an IPv6 address."""
+    if host in WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def public_url(server: Server, port: int | None = None) -> str:
+    """`server.public_url`, or when unset the service's own address (`port`: the port actually
+    bound, which is what counts when server.port is 0)."""
+    if server.public_url:
+        return server.public_url
+    return local_url(server.host, server.port if port is None else port)
 
 
 def describe(loaded: LoadedConfig) -> list[str]:
@@ -225,9 +298,12 @@ def describe(loaded: LoadedConfig) -> list[str]:
                 value = [_masked_subscriber(sub.model_dump()) for sub in value]
             if dotted in ("backend.url", "storage.url") and value:
                 value = _without_userinfo(value)
+            source = loaded.sources.get(dotted, "default")
+            if dotted == "server.public_url" and value is None:
+                value, source = public_url(loaded.config.server), "default: from host and port"
             shown = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
             shown = shown.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"{dotted} = {shown}  # {loaded.sources.get(dotted, 'default')}")
+            lines.append(f"{dotted} = {shown}  # {source}")
     return lines
 
 

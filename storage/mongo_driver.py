@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
 
+from dns.exception import DNSException
+from dns.resolver import NXDOMAIN, NoAnswer
 from pymongo.errors import ConfigurationError, ConnectionFailure, PyMongoError
 
 from storage.base import StoreConfigError, StoreError, StoreUnavailable
@@ -72,7 +74,8 @@ def reason(exc: BaseException) -> str:
 
 @contextmanager
 def mapped_errors() -> Iterator[None]:
-    """pymongo's errors as the store's: unreachable server → StoreUnavailable, else StoreError.
+    """pymongo's errors as the store's: unreachable server → StoreUnavailable, a URL that
+    cannot work → StoreConfigError, else StoreError.
 
     ConnectionFailure is the parent of ServerSelectionTimeoutError, AutoReconnect (hence
     NotPrimaryError) and NetworkTimeout."""
@@ -80,6 +83,15 @@ def mapped_errors() -> Iterator[None]:
         yield
     except ConnectionFailure as exc:
         raise StoreUnavailable(f"mongodb unreachable: {reason(exc)}") from exc
+    except ConfigurationError as exc:
+        # At the first operation pymongo resolves a mongodb+srv:// name, and any DNS failure
+        # is a ConfigurationError: a name that does not exist is one (the start stops, exit 2),
+        # DNS being down is not (the service starts unready and tries again).
+        if isinstance(exc.__cause__, DNSException) and not isinstance(
+            exc.__cause__, NXDOMAIN | NoAnswer
+        ):
+            raise StoreUnavailable(f"mongodb unreachable: {reason(exc)}") from exc
+        raise StoreConfigError(f"storage.url: {reason(exc)}") from exc
     except PyMongoError as exc:
         if exc.timeout:
             raise StoreUnavailable(f"mongodb timed out: {reason(exc)}") from exc

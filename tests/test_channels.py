@@ -300,3 +300,17 @@ async def test_a_channel_in_flight_at_a_crash_is_retried_after_restart(
     )
     await service.channels.recover_after_restart()
     assert await service.channels.retry_pending() == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_without_public_url_channels_name_the_port_actually_bound(
+    make_service, emulator, clock
+):
+    # server.port is 0 in the test config: the webhook address must carry the bound port.
+    service = await make_service({"server": {"public_url": None}}, clock=clock, emulator=emulator)
+    status, room = await call(service, "PUT", PATH, {})
+    assert status == 201 and room["channel"]["state"] == "active"
+    [channel] = google_channels(emulator)
+    assert channel["address"] == f"http://127.0.0.1:{service.port}/notifications"
+    await settle(service, emulator)
+    assert emulator.google.webhooks[0].status == 200  # the sync reached the service

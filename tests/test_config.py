@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from daemon.configfile import ConfigError, describe, load_config, reference, warnings
+from daemon.configcheck import warnings
+from daemon.configfile import (
+    ConfigError,
+    describe,
+    load_config,
+    local_url,
+    public_url,
+    reference,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +30,8 @@ def test_defaults_match_the_contract():
     loaded = load_config(None, environ={})
     config = loaded.config
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
-    assert config.server.public_url == "http://127.0.0.1:8080"
+    assert config.server.public_url is None
+    assert public_url(config.server) == "http://127.0.0.1:8080"
     assert config.server.max_body_size == 65536 and config.server.shutdown_timeout == 10
     assert config.storage.mongo_driver == "motor" and config.storage.retention_days == 14
     assert config.storage.url == "sqlite:///" + str(Path.cwd() / "var/mrm-push.sqlite3")
@@ -50,6 +59,10 @@ def test_the_shipped_config_yaml_loads_and_keeps_the_defaults():
     loaded = load_config(str(ROOT / "config.yaml"), environ={})
     assert loaded.config.storage.url == "sqlite:///" + str(ROOT / "var/mrm-push.sqlite3")
     assert loaded.config.server.port == 8080
+    assert loaded.config.server.public_url is None  # follows host and port
+    assert "server.public_url = http://127.0.0.1:8080  # default: from host and port" in (
+        describe(loaded)
+    )
 
 
 def test_file_then_environment_and_sources(tmp_path):
@@ -81,46 +94,71 @@ def test_environment_values_are_yaml(tmp_path):
         (
             "server:\n  port: 70000\n",
             {},
-            "server.port: Input should be less than or equal to 65535",
+            "server.port ({file}): Input should be less than or equal to 65535",
         ),
-        ("server:\n  port: 0x\n", {}, "server.port: Input should be a valid integer"),
-        ("server:\n  prot: 1\n", {}, "server.prot: unknown key"),
-        ("nosuch:\n  a: 1\n", {}, "nosuch: unknown key"),
-        ("server: [1, 2]\n", {}, "server: must be a mapping of keys"),
+        ("server:\n  port: 0x\n", {}, "server.port ({file}): Input should be a valid integer"),
+        ("server:\n  prot: 1\n", {}, "server.prot ({file}): unknown key"),
+        ("nosuch:\n  a: 1\n", {}, "nosuch ({file}): unknown key"),
+        ("server: [1, 2]\n", {}, "server ({file}): must be a mapping of keys"),
         ("- a\n- b\n", {}, "must be a mapping of sections, not list"),
         ("server: {port: [\n", {}, "not valid YAML"),
-        ("", {"MRM_PUSH__SERVER__PROT": "1"}, "server.prot: unknown key"),
+        ("", {"MRM_PUSH__SERVER__PROT": "1"}, "server.prot (MRM_PUSH__SERVER__PROT): unknown key"),
         ("", {"MRM_PUSH__PORT": "1"}, "MRM_PUSH__PORT: not of the form MRM_PUSH__SECTION__KEY"),
         ("", {"MRM_PUSH__SERVER__PORT": "[1"}, "MRM_PUSH__SERVER__PORT: not a YAML value"),
-        ("storage:\n  url: postgres://x\n", {}, "storage.url: must be sqlite:///path or mongodb"),
-        ("storage:\n  mongo_driver: other\n", {}, "storage.mongo_driver: Input should be 'motor'"),
-        ("fcm:\n  backend: apns\n", {}, "fcm.backend: Input should be 'firebase-admin'"),
-        ("server:\n  public_url: ftp://x\n", {}, "server.public_url: must start with http://"),
-        ("google:\n  webhook_path: hook\n", {}, "google.webhook_path: must be a path"),
-        ("google:\n  request_timeout: 0\n", {}, "google.request_timeout: Input should be greater"),
-        ("server:\n  xheaders: 1\n", {}, "server.xheaders: Input should be a valid boolean"),
+        (
+            "storage:\n  url: postgres://x\n",
+            {},
+            "storage.url ({file}): must be sqlite:///path or mongodb",
+        ),
+        (
+            "storage:\n  mongo_driver: other\n",
+            {},
+            "storage.mongo_driver ({file}): Input should be 'motor'",
+        ),
+        ("fcm:\n  backend: apns\n", {}, "fcm.backend ({file}): Input should be 'firebase-admin'"),
+        (
+            "server:\n  public_url: ftp://x\n",
+            {},
+            "server.public_url ({file}): must start with http://",
+        ),
+        ("google:\n  webhook_path: hook\n", {}, "google.webhook_path ({file}): must be a path"),
+        (
+            "google:\n  request_timeout: 0\n",
+            {},
+            "google.request_timeout ({file}): Input should be greater",
+        ),
+        (
+            "server:\n  xheaders: 1\n",
+            {},
+            "server.xheaders ({file}): Input should be a valid boolean",
+        ),
         ("auth:\n  legacy_allow_from: [10.0.0.0/33]\n", {}, "'10.0.0.0/33' is not a CIDR"),
         ("auth:\n  subscribers: [{calendars: [a]}]\n", {}, "exactly one of token or token_file"),
-        ("auth:\n  api_keys: [short]\n", {}, "auth.api_keys: every key needs 16 characters"),
-        ("auth:\n  api_keys_file: nope.txt\n", {}, "auth.api_keys_file: cannot read"),
-        ("logging:\n  level: loud\n", {}, "logging.level: Input should be 'debug'"),
+        (
+            "auth:\n  api_keys: [short]\n",
+            {},
+            "auth.api_keys ({file}): every key needs 16 characters",
+        ),
+        ("auth:\n  api_keys_file: nope.txt\n", {}, "auth.api_keys_file ({file}): cannot read"),
+        ("logging:\n  level: loud\n", {}, "logging.level ({file}): Input should be 'debug'"),
         (
             "websocket:\n  allowed_origins: ['127.0.0.1:8765']\n",
             {},
-            "websocket.allowed_origins: '127.0.0.1:8765' is not scheme://host[:port]",
+            "websocket.allowed_origins ({file}): '127.0.0.1:8765' is not scheme://host[:port]",
         ),
         ("websocket:\n  allowed_origins: ['https://a.example/app']\n", {}, "no path"),
         ("websocket:\n  allowed_origins: ['https://a.example:99999']\n", {}, "port"),
-        ("websocket:\n  allowed_origins: ['https://']\n", {}, "websocket.allowed_origins:"),
+        ("websocket:\n  allowed_origins: ['https://']\n", {}, "websocket.allowed_origins ("),
         ("websocket:\n  allowed_origins: ['https://u@a.example']\n", {}, "no user"),
         ("websocket:\n  allowed_origins: ['https://a.example?x']\n", {}, "no path"),
-        ("websocket:\n  allowed_origins: ['']\n", {}, "websocket.allowed_origins:"),
+        ("websocket:\n  allowed_origins: ['']\n", {}, "websocket.allowed_origins ("),
     ],
 )
 def test_a_bad_config_is_one_line_naming_the_key(tmp_path, text, environ, message):
+    path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path, text), environ=environ)
-    assert message in str(caught.value)
+        load_config(path, environ=environ)
+    assert message.format(file=path) in str(caught.value)
     assert "\n" not in str(caught.value)
 
 
@@ -195,12 +233,42 @@ def test_secrets_are_masked_when_shown(tmp_path):
 
 def test_warnings_about_public_url_and_missing_credentials():
     plain = load_config(None, environ={"MRM_PUSH__SERVER__PUBLIC_URL": "http://push.example"})
-    found = warnings(plain.config)
+    found = [str(w) for w in warnings(plain)]
     assert any("server.public_url" in w and "https" in w for w in found)
+    assert "google.service_account_file: not set; channels cannot be made" in found
     loopback = load_config(None, environ={"MRM_PUSH__SERVER__PUBLIC_URL": "http://localhost:8"})
-    assert not any("public_url" in w for w in warnings(loopback.config))
+    assert not any(w.key == "server.public_url" for w in warnings(loopback))
     secure = load_config(None, environ={"MRM_PUSH__SERVER__PUBLIC_URL": "https://push.example"})
-    assert not any("public_url" in w for w in warnings(secure.config))
+    assert not any(w.key == "server.public_url" for w in warnings(secure))
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        ("127.0.0.1", 8080, "http://127.0.0.1:8080"),
+        ("0.0.0.0", 9000, "http://127.0.0.1:9000"),
+        ("::", 9000, "http://127.0.0.1:9000"),
+        ("", 9000, "http://127.0.0.1:9000"),
+        ("::1", 8080, "http://[::1]:8080"),
+        ("push.example", 80, "http://push.example:80"),
+    ],
+)
+def test_public_url_follows_host_and_port_when_unset(host, port, url):
+    assert local_url(host, port) == url
+    environ = {"MRM_PUSH__SERVER__HOST": repr(host), "MRM_PUSH__SERVER__PORT": str(port)}
+    server = load_config(None, environ=environ).config.server
+    assert public_url(server) == url
+    assert public_url(server, 4321) == url.rsplit(":", 1)[0] + ":4321"  # the port bound for 0
+    set_ = load_config(None, environ={**environ, "MRM_PUSH__SERVER__PUBLIC_URL": "https://x.y/"})
+    assert public_url(set_.config.server, 4321) == "https://x.y"
+
+
+def test_a_loopback_public_url_with_the_real_google_is_a_warning(tmp_path):
+    environ = {"MRM_PUSH__GOOGLE__SERVICE_ACCOUNT_FILE": "sa.json", "MRM_PUSH__SERVER__PORT": "0"}
+    found = {w.key: w.reason for w in warnings(load_config(None, environ=environ), port=4321)}
+    assert found["server.public_url"].startswith(
+        "http://127.0.0.1:4321 (not set: made from host and port) is a loopback address"
+    )
 
 
 def test_readme_reference_is_in_step_with_the_schema():
@@ -213,3 +281,15 @@ def test_readme_reference_is_in_step_with_the_schema():
         "README.md's configuration reference differs from the schema: "
         "run `python -m daemon.configfile` and paste its output between the markers"
     )
+
+
+def test_a_bad_value_is_shown_but_never_a_secret_or_a_password(tmp_path):
+    path = write(tmp_path, "auth:\n  metrics_token: 12345678\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert "12345678" not in str(caught.value)
+    environ = {"MRM_PUSH__STORAGE__URL": "postgres://admin:hunter2@db/x"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ=environ)
+    assert "hunter2" not in str(caught.value)
+    assert "(got 'postgres://********@db/x')" in str(caught.value)

@@ -13,7 +13,7 @@ import tornado.web
 
 from daemon.clock import Clock, ManualClock, SystemClock, rfc3339
 from daemon.emulator.google import GoogleCalendarEmulator
-from daemon.emulator.keys import write_service_account
+from daemon.emulator.keys import read_key_info, write_key_info, write_service_account
 from daemon.emulator.oauth import OAuthEmulator
 
 Route = tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]
@@ -129,6 +129,26 @@ class Emulator:
         info = write_service_account(
             path, token_uri=self.token_url, client_email=client_email, project_id=project_id
         )
+        self.oauth.register(info)
+        return info
+
+    def keep_service_account(
+        self,
+        path: str,
+        *,
+        client_email: str = "mrm-push@mrm-push-emulator.iam.gserviceaccount.com",
+        project_id: str = "mrm-push-emulator",
+    ) -> dict[str, Any]:
+        """The key file a previous run left at `path`, trusted again and its token_uri pointed
+        at this run; a new one when there is none. Clients holding the file keep working."""
+        info = read_key_info(path, client_email)
+        if info is None:
+            return self.write_service_account(
+                path, client_email=client_email, project_id=project_id
+            )
+        if info.get("token_uri") != self.token_url:
+            info["token_uri"] = self.token_url
+            write_key_info(path, info)
         self.oauth.register(info)
         return info
 

@@ -552,11 +552,29 @@ def _peek_token(raw: bytes) -> str | None:
     return token if isinstance(token, str) else None
 
 
-class MessagesControl(_Base):
-    """GET /emulator/fcm/messages?token=  ·  DELETE (clear messages and attempts)"""
+MAX_WAIT = 30.0  # seconds a GET .../messages?wait= may hold the request
 
-    def get(self) -> None:
-        self.finish({"messages": self.fcm.messages(self.get_query_argument("token", None))})
+
+class MessagesControl(_Base):
+    """GET /emulator/fcm/messages?token=[&count=N&wait=seconds]  ·  DELETE (clear messages and
+    attempts). With `wait`, the answer comes once the token has `count` (1) messages, or 408."""
+
+    async def get(self) -> None:
+        token = self.get_query_argument("token", None)
+        wait = self.get_query_argument("wait", None)
+        if wait is not None:
+            try:
+                seconds = min(float(wait), MAX_WAIT)
+                count = int(self.get_query_argument("count", "1"))
+            except ValueError:
+                raise tornado.web.HTTPError(400, "wait and count must be numbers") from None
+            if token is None:
+                raise tornado.web.HTTPError(400, "wait needs a token")
+            try:
+                await self.fcm.wait_for(token, count, seconds)
+            except TimeoutError as error:
+                raise tornado.web.HTTPError(408, str(error)) from None
+        self.finish({"messages": self.fcm.messages(token)})
 
     def delete(self) -> None:
         self.fcm.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import email.utils
 import json
 import random
@@ -28,6 +29,8 @@ CALENDAR_SCOPES = (
     "https://www.googleapis.com/auth/calendar.events",
 )
 MAX_CHANNEL_TTL = 604800  # Google caps Calendar event channels at about a week
+# Sync tokens kept per calendar; an older one answers 410, as Google's expired tokens do.
+MAX_SYNC_TOKENS_PER_CALENDAR = 100
 DEFAULT_PAGE = 250
 MAX_PAGE = 2500
 RETRY_STATUSES = frozenset({500, 502, 503, 504})  # the only answers Google sends again on
@@ -283,9 +286,16 @@ class GoogleCalendarEmulator:
         self._deleted: set[str] = set()
         self._channels: dict[str, Channel] = {}
         self._sync_tokens: dict[str, _SyncPoint] = {}
+        self._issued: dict[str, collections.deque[str]] = {}  # calendar → its tokens, oldest first
         self._page_tokens: dict[str, _Listing] = {}
         self._failures: list[Failure] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called after every change of what the emulator keeps (state.py saves it soon).
+        self.on_change: Callable[[], None] | None = None
+
+    def _touch(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- time -----------------------------------------------------------------
 
@@ -298,6 +308,7 @@ class GoogleCalendarEmulator:
             self.clock.advance(seconds)
         else:
             self._offset += seconds
+        self._touch()
         return self.now()
 
     # -- calendars and events (control) -------------------------------------
@@ -306,6 +317,7 @@ class GoogleCalendarEmulator:
         self._deleted.discard(calendar_id)
         if calendar_id not in self._calendars:
             self._calendars[calendar_id] = Calendar(calendar_id, resource_id=_opaque()[:27])
+            self._touch()
         return self._calendars[calendar_id]
 
     def delete_calendar(self, calendar_id: str) -> None:
@@ -315,8 +327,9 @@ class GoogleCalendarEmulator:
             self._send(channel, "not_exists")
         del self._calendars[calendar.id]
         self._deleted.add(calendar_id)
-        for token in [t for t, p in self._sync_tokens.items() if p.calendar_id == calendar_id]:
-            del self._sync_tokens[token]
+        for token in self._issued.pop(calendar_id, ()):
+            self._sync_tokens.pop(token, None)
+        self._touch()
 
     def _calendar(self, calendar_id: str) -> Calendar:
         if calendar_id in self._calendars:
@@ -395,6 +408,7 @@ class GoogleCalendarEmulator:
     def expire_sync_tokens(self, calendar_id: str) -> None:
         """Every sync token of the calendar answers 410 from now on."""
         self._calendar(calendar_id).generation += 1
+        self._touch()
 
     def events(self, calendar_id: str) -> list[dict[str, Any]]:
         return [e.resource() for e in self._calendar(calendar_id).events.values()]
@@ -553,6 +567,7 @@ class GoogleCalendarEmulator:
             expiration=expires,
         )
         self._channels[channel_id] = channel
+        self._touch()
         answer: dict[str, Any] = {
             "kind": "api#channel",
             "id": channel.id,
@@ -574,6 +589,7 @@ class GoogleCalendarEmulator:
                 404, "notFound", f"Channel '{body.get('id')}' not found for project"
             )
         channel.stopped = True
+        self._touch()
 
     def list_events(self, calendar_id: str, args: dict[str, str]) -> dict[str, Any]:
         calendar = self._calendar(calendar_id)
@@ -609,9 +625,20 @@ class GoogleCalendarEmulator:
             answer["nextPageToken"] = token
         else:
             token = _opaque()
-            self._sync_tokens[token] = _SyncPoint(calendar.id, listing.change, calendar.generation)
+            self.remember_sync_token(token, calendar.id, listing.change, calendar.generation)
             answer["nextSyncToken"] = token
         return answer
+
+    def remember_sync_token(
+        self, token: str, calendar_id: str, change: int, generation: int
+    ) -> None:
+        """Honour `token` from now on; the calendar's oldest beyond the bound answer 410."""
+        issued = self._issued.setdefault(calendar_id, collections.deque())
+        issued.append(token)
+        self._sync_tokens[token] = _SyncPoint(calendar_id, change, generation)
+        while len(issued) > MAX_SYNC_TOKENS_PER_CALENDAR:
+            self._sync_tokens.pop(issued.popleft(), None)
+        self._touch()
 
     def _start_listing(
         self, calendar: Calendar, args: dict[str, str], sync_token: str | None
@@ -642,6 +669,7 @@ class GoogleCalendarEmulator:
     def _changed(self, calendar: Calendar) -> None:
         for channel in self._live_channels(calendar.id):
             self._send(channel, "exists")
+        self._touch()
 
     def start_sync(self, channel: Channel) -> None:
         """Send the channel's `sync` message (the watch handler calls this after answering)."""
@@ -655,6 +683,7 @@ class GoogleCalendarEmulator:
         else:
             number = max(channel.last_number, 1) + self._rng.randint(1, 1 + self.max_number_gap)
         channel.last_number = max(channel.last_number, number)
+        self._touch()
         task = asyncio.get_running_loop().create_task(self._deliver(channel, number, state))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

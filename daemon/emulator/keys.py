@@ -44,13 +44,33 @@ def write_service_account(
         + client_email.replace("@", "%40"),
         "universe_domain": "googleapis.com",
     }
+    write_key_info(path, info)
+    return info
+
+
+def write_key_info(path: str | os.PathLike[str], info: dict[str, Any]) -> None:
+    """Write a key file's content, replacing the file at once (a reader never sees half)."""
+    temporary = f"{os.fspath(path)}.tmp"
     # Created 0600 from the start: a private key must never be readable by others,
     # not even for the moment between open() and chmod().
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         json.dump(info, out, indent=2)
         out.write("\n")
-    os.chmod(path, 0o600)  # O_CREAT's mode does not apply when the file already existed
+    os.chmod(temporary, 0o600)  # O_CREAT's mode does not apply when the file already existed
+    os.replace(temporary, path)
+
+
+def read_key_info(path: str | os.PathLike[str], client_email: str) -> dict[str, Any] | None:
+    """A key file written for `client_email` earlier, or None (absent, not ours, damaged)."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            info = json.load(stream)
+        if not isinstance(info, dict) or info.get("client_email") != client_email:
+            return None
+        public_key_pem(info)  # the private key still parses
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     return info
 
 

@@ -15,8 +15,12 @@ import socket
 import time
 from typing import Any
 
+import dns.exception
+import dns.resolver
 import motor.motor_asyncio
 import pymongo
+import pymongo.asynchronous.srv_resolver
+import pymongo.synchronous.srv_resolver
 import pytest
 from mongomock_motor import AsyncMongoMockClient
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
@@ -367,3 +371,40 @@ async def test_real_server_ping_and_indexes(driver):
     assert store.indexed
     await store.client.drop_database(f"mrm_push_test_{driver}")
     await store.close()
+
+
+@pytest.mark.parametrize("driver", ["motor", "pymongo"])
+@pytest.mark.parametrize(
+    ("dns_error", "expected"),
+    [
+        (dns.resolver.NXDOMAIN(), StoreConfigError),  # the name does not exist: fix the URL
+        (dns.exception.Timeout(), StoreUnavailable),  # DNS is down: try again later
+        (dns.resolver.NoNameservers(), StoreUnavailable),
+    ],
+)
+@pytest.mark.gen_test(timeout=10)
+async def test_an_srv_name_that_does_not_exist_is_a_config_error_a_dns_outage_is_not(
+    monkeypatch, driver, dns_error, expected
+):
+    # No DNS here: the resolver pymongo calls for mongodb+srv:// answers with the error.
+    def sync_resolve(*args, **kwargs):
+        raise dns_error
+
+    async def async_resolve(*args, **kwargs):
+        raise dns_error
+
+    monkeypatch.setattr(pymongo.synchronous.srv_resolver, "_resolve", sync_resolve)
+    monkeypatch.setattr(pymongo.asynchronous.srv_resolver, "_resolve", async_resolve)
+    store = MongoStore("mongodb+srv://cluster.example.com/site", driver=driver)
+    try:
+        with pytest.raises(expected) as raised:
+            await store.ping()
+        assert type(raised.value) is expected
+        if expected is StoreConfigError:
+            assert str(raised.value).startswith("storage.url: ")
+            with pytest.raises(StoreConfigError):
+                await store.open()  # the start stops (exit 2)
+        else:
+            await store.open()  # the start goes on, unready
+    finally:
+        await store.close()
