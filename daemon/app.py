@@ -29,6 +29,7 @@ from daemon.rooms import Rooms
 from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
+from handlers.edge import EdgeApplication
 from storage import make_store
 from storage.base import Notification, Store, StoreError
 
@@ -204,8 +205,9 @@ class Service:
     def _make_app(self) -> web.Application:
         routes = all_routes(self.config.google.webhook_path)
         check_auth_decisions(routes)
-        return web.Application(
+        return EdgeApplication(
             routes,
+            max_body_size=self.config.server.max_body_size,
             default_handler_class=NotFoundHandler,
             service=self,
             log_function=self._log_request,
