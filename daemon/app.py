@@ -23,13 +23,13 @@ from daemon.delivery import DeliveryWorker
 from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
 from daemon.google_calendar import GoogleCalendar
-from daemon.metrics import Metrics
+from daemon.metrics import OTHER, Metrics, method_label, status_label
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
 from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
-from handlers.edge import EdgeApplication
+from handlers.edge import EdgeApplication, RefusedHandler
 from storage import make_store
 from storage.base import Notification, Store, StoreError
 
@@ -205,6 +205,11 @@ class Service:
     def _make_app(self) -> web.Application:
         routes = all_routes(self.config.google.webhook_path)
         check_auth_decisions(routes)
+        # The route label's values: the handlers' names, a set fixed here.
+        self.route_names = frozenset(
+            handler.__name__
+            for handler in (*(h for _, h in routes), NotFoundHandler, RefusedHandler)
+        )
         return EdgeApplication(
             routes,
             max_body_size=self.config.server.max_body_size,
@@ -311,11 +316,13 @@ class Service:
         status = handler.get_status()
         seconds = request.request_time()
         route = type(handler).__name__
-        self.metrics.requests.labels(route, request.method or "", str(status)).inc()
+        route = route if route in self.route_names else OTHER
+        method = method_label(request.method)  # a made-up one is never a label nor logged
+        self.metrics.requests.labels(route, method, status_label(status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         level = logging.INFO if status < 500 else logging.ERROR
         extra: dict[str, Any] = {
-            "method": request.method,
+            "method": method,
             "path": request.path,  # never the query string: it may hold tokens
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
