@@ -29,7 +29,7 @@ from daemon.rooms import Rooms
 from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
-from handlers.edge import EdgeApplication, RefusedHandler
+from handlers.edge import EdgeApplication, RefusedHandler, TrustedProxies
 from storage import make_store
 from storage.base import Notification, Store, StoreError
 
@@ -212,6 +212,7 @@ class Service:
         )
         return EdgeApplication(
             routes,
+            trusted_proxies=TrustedProxies(self.config.server.trusted_proxies),
             max_body_size=self.config.server.max_body_size,
             default_handler_class=NotFoundHandler,
             service=self,
@@ -228,7 +229,7 @@ class Service:
         self.sockets = sockets or bind_sockets(server.port, server.host)
         self.server = HTTPServer(
             self.app,
-            xheaders=server.xheaders,
+            xheaders=False,  # forwarded headers count only from server.trusted_proxies (edge.py)
             max_body_size=server.max_body_size,
             idle_connection_timeout=60,
         )
@@ -326,7 +327,8 @@ class Service:
             "path": request.path,  # never the query string: it may hold tokens
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
-            "remote": request.remote_ip,
+            "remote": request.remote_ip,  # the caller (behind a trusted proxy: the forwarded one)
+            "scheme": request.protocol,
         }
         access_log.log(level, "request", extra=extra)
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from daemon.config import SECTIONS, Config, Section
+from daemon.config import REPLACED_KEYS, SECTIONS, Config, Section
 
 ENV_PREFIX = "MRM_PUSH__"
 MASK = "********"
@@ -74,7 +74,7 @@ def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> L
             raise ConfigError(f"{parts[0]}: must be a mapping of keys")
         section[parts[1]] = value
         sources[".".join(parts)] = f"environment ({name})"
-    config = _validate(raw)
+    config = _validate(raw, sources)
     base = file_path.parent if file_path else Path.cwd()
     config = _resolve_paths(config, base)
     return LoadedConfig(config, _read_secrets(config), file_path, sources)
@@ -103,7 +103,12 @@ def _first_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _validate(raw: dict[str, Any]) -> Config:
+def _validate(raw: dict[str, Any], sources: dict[str, str]) -> Config:
+    for dotted, replacement in REPLACED_KEYS.items():
+        section, name = dotted.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            where = sources.get(dotted, "file")
+            raise ConfigError(f"{dotted}: {replacement} (set in the {where})")
     try:
         return Config.model_validate(raw)
     except ValidationError as error:

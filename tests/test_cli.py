@@ -52,6 +52,7 @@ def test_check_config_warns_about_a_plain_http_public_url(tmp_path):
         ("server:\n  port: 70000\n", "server.port: Input should be less than or equal to 65535"),
         ("server: {port: [\n", "not valid YAML"),
         ("server:\n  colour: blue\n", "server.colour: unknown key"),
+        ("server:\n  xheaders: true\n", "server.xheaders: replaced by server.trusted_proxies"),
     ],
 )
 def test_a_bad_config_is_one_line_and_exit_2(tmp_path, text, expected):

@@ -43,6 +43,7 @@ def test_defaults_match_the_contract():
     assert (config.backend.refresh_interval, config.backend.timeout) == (0, 10)
     assert config.sync.poll_interval == 900 and config.logging.level == "info"
     assert loaded.secrets.api_keys == ()
+    assert config.server.trusted_proxies == [] and config.auth.legacy_allow_from == []
 
 
 def test_the_shipped_config_yaml_loads_and_keeps_the_defaults():
@@ -61,7 +62,7 @@ def test_file_then_environment_and_sources(tmp_path):
     lines = describe(loaded)
     assert "server.port = 9100  # environment (MRM_PUSH__SERVER__PORT)" in lines
     assert "server.host = 0.0.0.0  # file" in lines
-    assert "server.xheaders = false  # default" in lines
+    assert "server.trusted_proxies = []  # default" in lines
 
 
 def test_environment_values_are_yaml(tmp_path):
@@ -97,7 +98,11 @@ def test_environment_values_are_yaml(tmp_path):
         ("server:\n  public_url: ftp://x\n", {}, "server.public_url: must start with http://"),
         ("google:\n  webhook_path: hook\n", {}, "google.webhook_path: must be a path"),
         ("google:\n  request_timeout: 0\n", {}, "google.request_timeout: Input should be greater"),
-        ("server:\n  xheaders: 1\n", {}, "server.xheaders: Input should be a valid boolean"),
+        ("server:\n  xheaders: true\n", {}, "server.xheaders: replaced by server.trusted_proxies"),
+        ("", {"MRM_PUSH__SERVER__XHEADERS": "1"}, "server.xheaders: replaced by server.trusted"),
+        ("server:\n  trusted_proxies: [nope]\n", {}, "server.trusted_proxies: 'nope' is not a"),
+        ("server:\n  trusted_proxies: [10.0.0.0/33]\n", {}, "'10.0.0.0/33' is not a CIDR"),
+        ("server:\n  trusted_proxies: 10.0.0.0/8\n", {}, "server.trusted_proxies: Input should"),
         ("auth:\n  legacy_allow_from: [10.0.0.0/33]\n", {}, "'10.0.0.0/33' is not a CIDR"),
         ("auth:\n  subscribers: [{calendars: [a]}]\n", {}, "exactly one of token or token_file"),
         ("auth:\n  api_keys: [short]\n", {}, "auth.api_keys: every key needs 16 characters"),
