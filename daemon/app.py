@@ -23,7 +23,9 @@ from daemon.delivery import DeliveryWorker
 from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
 from daemon.google_calendar import GoogleCalendar
+from daemon.logs import protect
 from daemon.metrics import OTHER, Metrics, method_label, status_label
+from daemon.redact import configured_secrets
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
 from daemon.sync import Syncer
@@ -55,6 +57,7 @@ class Service:
     ) -> None:
         self.config: Config = loaded.config
         self.secrets: Secrets = loaded.secrets
+        protect(configured_secrets(loaded))  # before anything can log one of them
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store: Store = store or make_store(
