@@ -106,9 +106,19 @@ def load_json(raw: bytes | str) -> Any:
     return value
 
 
-def content_length_refusal(headers: httputil.HTTPHeaders, limit: int) -> ApiError | None:
-    """The answer to a Content-Length that cannot be right (None when it can be read)."""
+def framing_refusal(headers: httputil.HTTPHeaders, limit: int) -> ApiError | None:
+    """The answer to a request whose body cannot be framed (None when it can be read): a
+    Content-Length that is no number or over `limit`, a Transfer-Encoding other than chunked,
+    or both headers (Tornado refuses these too, with a bare 400, after our prepare())."""
     length = headers.get("Content-Length")
+    encoding = headers.get("Transfer-Encoding")
+    if encoding is not None:
+        if length is not None:
+            message = "Transfer-Encoding and Content-Length cannot both be given"
+            return ApiError(400, "invalid_transfer_encoding", message)
+        if encoding.lower() != "chunked":
+            message = "Transfer-Encoding must be chunked, if given"
+            return ApiError(400, "invalid_transfer_encoding", message)
     if length is None:
         return None
     if _LENGTH.fullmatch(length) is None:
@@ -142,7 +152,7 @@ class BaseHandler(web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     async def prepare(self) -> None:
-        # Content-Length was checked before routing (handlers/edge.py), for every route.
+        # The body's framing was checked before routing (handlers/edge.py), for every route.
         self._body_parts = []
         self._body_size = 0
         await self.authenticate()

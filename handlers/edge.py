@@ -1,5 +1,6 @@
 """The request's edge, before routing: who is calling (trusted proxies) and whether the
-request's framing can be read (Content-Length), once for every route."""
+request's body framing can be read (Content-Length, Transfer-Encoding), once for every
+route."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from tornado import httputil, web
 
-from handlers.base import ApiError, BaseHandler, content_length_refusal
+from handlers.base import ApiError, BaseHandler, framing_refusal
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,9 +106,9 @@ class EdgeApplication(web.Application):
         request.remote_ip = remote_ip
         if scheme is not None:
             request.protocol = scheme
-        # Before Tornado reads the body (it would answer a bare 400 for a length it cannot
-        # parse, and our prepare() would meet int()'s digit limit): an answer in our shape.
-        refusal = content_length_refusal(request.headers, self.max_body_size)
+        # Before Tornado reads the body (it would answer a bare 400 for framing it cannot
+        # read, and int() has a digit limit): an answer in our shape, for every route.
+        refusal = framing_refusal(request.headers, self.max_body_size)
         if refusal is not None:
             return self.get_handler_delegate(request, RefusedHandler, {"error": refusal})
         return super().find_handler(request, **kwargs)

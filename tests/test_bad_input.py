@@ -105,6 +105,12 @@ LENGTH_ROUTES = [
     ("GET", "/no/such/route", False),
 ]
 BAD_LENGTHS = [HUGE_LENGTH, "99999999999999999999999", "-1", "+5", "0x10", "1, 2", "\u0663"]
+# Framing Tornado refuses with a bare 400 (request smuggling): answered in our shape instead.
+BAD_FRAMING = [
+    "Transfer-Encoding: gzip\r\n",
+    "Transfer-Encoding: chunked, gzip\r\n",
+    "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+]
 
 
 async def state(service: Service, emulator: Any) -> Any:
@@ -168,6 +174,10 @@ async def test_bad_input_on_every_route_is_a_4xx_and_changes_nothing(make_servic
             head += f"Content-Length: {length}\r\n\r\n"
             status, body = await raw_request(service, head.encode())
             assert_error_shape(status, body, (method, path, length[:30]))
+        for framing in BAD_FRAMING:
+            head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            status, body = await raw_request(service, (head + framing + "\r\n").encode())
+            assert_error_shape(status, body, (method, path, framing))
     await emulator.google.drain()
     assert await state(service, emulator) == before
     # The service still answers after all that.
