@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from daemon.configfile import LoadedConfig
@@ -38,6 +38,11 @@ _LONG_RUN = re.compile(rf"(?<![{_RUN_CHARS}])[{_RUN_CHARS}]{{40,}}(?![{_RUN_CHAR
 def short(token: str) -> str:
     """The last 8 characters: enough to tell tokens apart, never the secret."""
     return "…" + token[-8:] if len(token) > 8 else "…"
+
+
+def path_tokens(path: str) -> list[str]:
+    """The tokens a request path names (`.../tokens/{token}`), percent-decoded."""
+    return [unquote(m[2]) for m in _PATH_TOKEN.finditer(path)]
 
 
 def _looks_random(run: str) -> bool:

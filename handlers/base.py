@@ -9,13 +9,13 @@ import re
 from collections.abc import Awaitable
 from http.client import responses
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
-from urllib.parse import unquote
 
 from tornado import httputil, web
 
 from daemon.configfile import Secrets
 from daemon.ids import valid_token
 from daemon.logs import SECRETS_FIELD
+from daemon.redact import path_tokens
 from storage.base import StoreError
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ def bearer_token(request: httputil.HTTPServerRequest) -> str | None:
 
 # Query arguments that hold tokens (the legacy routes' firebase_token, /ws's access_token).
 TOKEN_ARGS = ("firebase_token", "access_token")
-_PATH_TOKEN = re.compile(r"/tokens/([^/?#]+)")
 JSON_DEPTH_MAX = 32  # contract 2: deeper JSON is refused
 # Plain ASCII digits only (str.isdigit() and int() also take Arabic-Indic or fullwidth digits,
 # and isdigit() takes "²"), and few enough that int() never meets its 4,300-digit limit.
@@ -268,19 +267,21 @@ class BaseHandler(web.RequestHandler):
     def request_tokens(self) -> list[str]:
         """The FCM and subscriber tokens this request carries (path, query, JSON body): an error
         logged for it has them shortened wherever they appear, the traceback included."""
-        found = [unquote(m[1]) for m in _PATH_TOKEN.finditer(self.request.path)]
+        found: list[Any] = list(path_tokens(self.request.path))
         for name in TOKEN_ARGS:
             found.extend(
                 v.decode("utf-8", "replace") for v in self.request.query_arguments.get(name, ())
             )
+        raw = b"".join(getattr(self, "_body_parts", ()))  # none when it failed before prepare()
         try:
-            body = load_json(self.body) if self.body.strip() else None
+            body = load_json(raw) if raw.strip() else None
         except BadJson:
             body = None
         if isinstance(body, dict):
-            given = [body.get("firebase_token"), *(body.get("firebase_tokens") or [])]
-            found.extend(t for t in given if isinstance(t, str))
-        return [t for t in found if t and valid_token(t)]
+            listed = body.get("firebase_tokens")
+            found.append(body.get("firebase_token"))
+            found.extend(listed if isinstance(listed, list) else ())
+        return [t for t in found if valid_token(t)]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, web.HTTPError):
