@@ -23,12 +23,15 @@ from daemon.delivery import DeliveryWorker
 from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
 from daemon.google_calendar import GoogleCalendar
-from daemon.metrics import Metrics
+from daemon.logs import protect
+from daemon.metrics import OTHER, Metrics, method_label, status_label
+from daemon.redact import configured_secrets
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
 from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
+from handlers.edge import EdgeApplication, RefusedHandler, TrustedProxies
 from storage import make_store
 from storage.base import Notification, Store, StoreConfigError, StoreError
 
@@ -54,6 +57,7 @@ class Service:
     ) -> None:
         self.config: Config = loaded.config
         self.secrets: Secrets = loaded.secrets
+        protect(configured_secrets(loaded))  # before anything can log one of them
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store: Store = store or _make_store(self.config)
@@ -195,8 +199,15 @@ class Service:
     def _make_app(self) -> web.Application:
         routes = all_routes(self.config.google.webhook_path)
         check_auth_decisions(routes)
-        return web.Application(
+        # The route label's values: the handlers' names, a set fixed here.
+        self.route_names = frozenset(
+            handler.__name__
+            for handler in (*(h for _, h in routes), NotFoundHandler, RefusedHandler)
+        )
+        return EdgeApplication(
             routes,
+            trusted_proxies=TrustedProxies(self.config.server.trusted_proxies),
+            max_body_size=self.config.server.max_body_size,
             default_handler_class=NotFoundHandler,
             service=self,
             log_function=self._log_request,
@@ -218,7 +229,7 @@ class Service:
         self.channels.public_url = public_url(server, self.port)
         self.server = HTTPServer(
             self.app,
-            xheaders=server.xheaders,
+            xheaders=False,  # forwarded headers count only from server.trusted_proxies (edge.py)
             max_body_size=server.max_body_size,
             idle_connection_timeout=60,
         )
@@ -307,15 +318,18 @@ class Service:
         status = handler.get_status()
         seconds = request.request_time()
         route = type(handler).__name__
-        self.metrics.requests.labels(route, request.method or "", str(status)).inc()
+        route = route if route in self.route_names else OTHER
+        method = method_label(request.method)  # a made-up one is never a label nor logged
+        self.metrics.requests.labels(route, method, status_label(status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         level = logging.INFO if status < 500 else logging.ERROR
         extra: dict[str, Any] = {
-            "method": request.method,
+            "method": method,
             "path": request.path,  # never the query string: it may hold tokens
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
-            "remote": request.remote_ip,
+            "remote": request.remote_ip,  # the caller (behind a trusted proxy: the forwarded one)
+            "scheme": request.protocol,
         }
         access_log.log(level, "request", extra=extra)
 

@@ -30,6 +30,22 @@ def key(
     return Field(default=default, description=help, ge=ge, le=le, json_schema_extra=extra)
 
 
+# Keys that are gone, and what took their place: naming one stops the start with that line.
+REPLACED_KEYS = {
+    "server.xheaders": "replaced by server.trusted_proxies, the CIDRs of the proxies whose "
+    "X-Forwarded-For, X-Real-Ip and X-Forwarded-Proto are believed",
+}
+
+
+def check_cidrs(value: list[str]) -> list[str]:
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as error:
+            raise ValueError(f"{cidr!r} is not a CIDR") from error
+    return value
+
+
 Seconds = Annotated[int, Field(ge=0)]
 PositiveSeconds = Annotated[int, Field(ge=1)]
 Timeout = Annotated[float, Field(gt=0, le=3600)]
@@ -49,7 +65,9 @@ class Server(Section):
         "URL",
         "how Google reaches us; https:// unless loopback (none: http://<host>:<port>)",
     )
-    xheaders: bool = key(False, "", "trust X-Forwarded-For/-Proto from a proxy in front")
+    trusted_proxies: list[str] = key(
+        [], "", "CIDRs of proxies whose X-Forwarded-For/-Proto and X-Real-Ip are believed"
+    )
     max_body_size: int = key(65536, "bytes", "larger request bodies get 413", ge=1024, le=2**26)
     shutdown_timeout: Timeout = key(10, "seconds", "time to drain on SIGTERM before exiting")
     state_dir: str = key(
@@ -64,6 +82,11 @@ class Server(Section):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        return check_cidrs(value)
 
 
 class Storage(Section):
@@ -193,12 +216,7 @@ class Auth(Section):
     @field_validator("legacy_allow_from")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as error:
-                raise ValueError(f"{cidr!r} is not a CIDR") from error
-        return value
+        return check_cidrs(value)
 
 
 class Backend(Section):

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from daemon.config import SECTIONS, Config, Section, Server
+from daemon.config import REPLACED_KEYS, SECTIONS, Config, Section, Server
 
 ENV_PREFIX = "MRM_PUSH__"
 MASK = "********"
@@ -156,6 +156,10 @@ def _first_line(error: Exception) -> str:
 
 
 def _validate(raw: dict[str, Any]) -> Config:
+    for dotted, replacement in REPLACED_KEYS.items():
+        section, name = dotted.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            raise ConfigError(replacement, key=dotted)
     try:
         return Config.model_validate(raw)
     except ValidationError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import Protocol
 
 from prometheus_client import (
@@ -17,6 +18,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+# Label values a caller cannot make up (contract 2: never a raw method, path, id or token): the
+# standard methods, the statuses HTTP names, and the route's handler (a fixed set, see app.py).
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+HTTP_STATUSES = frozenset(status.value for status in HTTPStatus)
+OTHER = "other"
+
+
+def method_label(method: str | None) -> str:
+    """The method as a label value: a standard one as it is, anything else "other"."""
+    return method if method in HTTP_METHODS else OTHER
+
+
+def status_label(status: int) -> str:
+    return str(status) if status in HTTP_STATUSES else OTHER
+
 
 class Metrics:
     """Every metric the service exports, registered on its own registry."""
@@ -27,7 +45,7 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         self.requests = Counter(
             "mrm_push_http_requests",
-            "HTTP requests answered, by route, method and status.",
+            "HTTP requests answered, by route (handler), method (standard or other), status.",
             ["route", "method", "status"],
             registry=self.registry,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from collections.abc import Awaitable
 from http.client import responses
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
@@ -12,6 +13,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from tornado import httputil, web
 
 from daemon.configfile import Secrets
+from daemon.ids import valid_token
+from daemon.logs import SECRETS_FIELD
+from daemon.redact import path_tokens
 from storage.base import StoreError
 
 if TYPE_CHECKING:
@@ -52,6 +56,77 @@ def bearer_token(request: httputil.HTTPServerRequest) -> str | None:
     return None
 
 
+# Query arguments that hold tokens (the legacy routes' firebase_token, /ws's access_token).
+TOKEN_ARGS = ("firebase_token", "access_token")
+JSON_DEPTH_MAX = 32  # contract 2: deeper JSON is refused
+# Plain ASCII digits only (str.isdigit() and int() also take Arabic-Indic or fullwidth digits,
+# and isdigit() takes "²"), and few enough that int() never meets its 4,300-digit limit.
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+_LENGTH = re.compile(r"[0-9]{1,19}")
+# json.loads turns "\\ud800" into a lone surrogate, which no store can keep (not Unicode).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class BadJson(ValueError):
+    """Text that is not a JSON value this service takes; the message says why, as a predicate
+    ("is nested deeper than 32 levels") to follow "the body" or "the frame"."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BadJson(f"holds {name}, which is not JSON")
+
+
+def load_json(raw: bytes | str) -> Any:
+    """Parse JSON text (a body or a WebSocket frame): UTF-8, at most JSON_DEPTH_MAX levels deep,
+    no lone surrogates in any string or key, no NaN/Infinity. BadJson says what is wrong."""
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise BadJson(f"is nested deeper than {JSON_DEPTH_MAX} levels") from None
+    except BadJson:
+        raise
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise BadJson(f"is not JSON: {error}") from None
+    # One pass over the parsed value, without recursion: depth and text of every string.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise BadJson("holds a lone surrogate (not Unicode text)")
+        elif isinstance(item, dict | list):
+            if depth > JSON_DEPTH_MAX:
+                raise BadJson(f"is nested deeper than {JSON_DEPTH_MAX} levels")
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((member, depth + 1) for member in item.values())
+            else:
+                stack.extend((member, depth + 1) for member in item)
+    return value
+
+
+def framing_refusal(headers: httputil.HTTPHeaders, limit: int) -> ApiError | None:
+    """The answer to a request whose body cannot be framed (None when it can be read): a
+    Content-Length that is no number or over `limit`, a Transfer-Encoding other than chunked,
+    or both headers (Tornado refuses these too, with a bare 400, after our prepare())."""
+    length = headers.get("Content-Length")
+    encoding = headers.get("Transfer-Encoding")
+    if encoding is not None:
+        if length is not None:
+            message = "Transfer-Encoding and Content-Length cannot both be given"
+            return ApiError(400, "invalid_transfer_encoding", message)
+        if encoding.lower() != "chunked":
+            message = "Transfer-Encoding must be chunked, if given"
+            return ApiError(400, "invalid_transfer_encoding", message)
+    if length is None:
+        return None
+    if _LENGTH.fullmatch(length) is None:
+        return ApiError(400, "invalid_content_length", "Content-Length is not a number")
+    if int(length) > limit:
+        return ApiError(413, "body_too_large", f"the body is over {limit} bytes")
+    return None
+
+
 @web.stream_request_body
 class BaseHandler(web.RequestHandler):
     """JSON in, JSON out. Bodies are streamed so that Content-Length is checked before reading."""
@@ -76,15 +151,9 @@ class BaseHandler(web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     async def prepare(self) -> None:
+        # The body's framing was checked before routing (handlers/edge.py), for every route.
         self._body_parts = []
         self._body_size = 0
-        limit = self.service.config.server.max_body_size
-        length = self.request.headers.get("Content-Length")
-        if length is not None:
-            if not length.isdigit():
-                raise ApiError(400, "invalid_content_length", "Content-Length is not a number")
-            if int(length) > limit:
-                raise ApiError(413, "body_too_large", f"the body is over {limit} bytes")
         await self.authenticate()
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
@@ -129,20 +198,39 @@ class BaseHandler(web.RequestHandler):
                 raise ApiError(400, "invalid_json", "a JSON object body is required")
             return {}
         try:
-            value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, "invalid_json", f"the body is not JSON: {error}") from None
+            value = load_json(raw)
+        except BadJson as error:
+            raise ApiError(400, "invalid_json", f"the body {error}") from None
         if not isinstance(value, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         return value
 
     def int_arg(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
-        text = self.get_query_argument(name, None)
+        """A query integer: plain ASCII digits (a "-" first only where lo < 0), lo to hi."""
+        text = self.str_arg(name)
         if text is None or text == "":
             return default
-        if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
-            raise ApiError(400, f"invalid_{name}", f"{name} must be an integer from {lo} to {hi}")
+        if (
+            _INTEGER.fullmatch(text) is None
+            or (text.startswith("-") and lo >= 0)
+            or not lo <= int(text) <= hi
+        ):
+            raise ApiError(
+                400, f"invalid_{name}", f"{name} must be an integer from {lo} to {hi} (digits 0-9)"
+            )
         return int(text)
+
+    def str_arg(self, name: str) -> str | None:
+        """A query argument as sent (its last value; None when absent). Not through
+        get_query_argument(), which strips and turns control characters into spaces, so that a
+        bad id is refused instead of read as another one."""
+        raw = self.request.query_arguments.get(name)
+        if not raw:
+            return None
+        try:
+            return raw[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, f"invalid_{name}", f"{name} is not UTF-8 text") from None
 
     def flag_arg(self, name: str) -> bool:
         return self.get_query_argument(name, "0") in ("1", "true", "yes")
@@ -176,16 +264,39 @@ class BaseHandler(web.RequestHandler):
             json.dumps({"error": {"status": status_code, "code": code, "message": message}})
         )
 
+    def request_tokens(self) -> list[str]:
+        """The FCM and subscriber tokens this request carries (path, query, JSON body): an error
+        logged for it has them shortened wherever they appear, the traceback included."""
+        found: list[Any] = list(path_tokens(self.request.path))
+        for name in TOKEN_ARGS:
+            found.extend(
+                v.decode("utf-8", "replace") for v in self.request.query_arguments.get(name, ())
+            )
+        raw = b"".join(getattr(self, "_body_parts", ()))  # none when it failed before prepare()
+        try:
+            body = load_json(raw) if raw.strip() else None
+        except BadJson:
+            body = None
+        if isinstance(body, dict):
+            listed = body.get("firebase_tokens")
+            found.append(body.get("firebase_token"))
+            found.extend(listed if isinstance(listed, list) else ())
+        return [t for t in found if valid_token(t)]
+
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, web.HTTPError):
             return  # answered with its status and code; the access line records it
+        tokens = {SECRETS_FIELD: self.request_tokens()}
         if isinstance(value, StoreError):
-            log.warning("storage_error", extra={"path": self.request.path, "reason": str(value)})
+            log.warning(
+                "storage_error",
+                extra={"path": self.request.path, "reason": str(value), **tokens},
+            )
             return
         log.error(
             "handler_error",
             exc_info=(typ, value, tb),
-            extra={"route": type(self).__name__, "path": self.request.path},
+            extra={"route": type(self).__name__, "path": self.request.path, **tokens},
         )
 
 

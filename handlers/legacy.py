@@ -39,10 +39,7 @@ class LegacyBase(RoomsBase):
 
     def param(self, name: str) -> Any:
         """From the query string or a JSON body, as the old service took them (None: absent)."""
-        # Raw, not get_query_argument(): that turns control characters into spaces and strips,
-        # so a bad calendar id would be stored under another name instead of refused.
-        raw = self.request.query_arguments.get(name)
-        value: Any = self.decode_argument(raw[-1], name) if raw else None
+        value: Any = self.str_arg(name)
         if value is None and self.body.strip():
             value = self.json_body().get(name)
         return None if value == "" else value

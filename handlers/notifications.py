@@ -53,7 +53,7 @@ class NotificationListHandler(BaseHandler):
     auth = "api_key"
 
     async def get(self) -> None:
-        calendar_id = self.get_query_argument("calendar_id", None)
+        calendar_id = self.str_arg("calendar_id")
         if calendar_id is not None:
             check_calendar_id(calendar_id)
         after = self.int_arg("after", 0, 0, 2**62)

@@ -6,7 +6,7 @@ from typing import Any
 
 from daemon.channels import current_of
 from daemon.clock import rfc3339
-from daemon.ids import TOKEN_RULE, calendar_id_problem, valid_token
+from daemon.ids import TOKEN_RULE, calendar_id_problem, text_problem, valid_token
 from handlers.base import ApiError, BaseHandler
 from storage.base import Channel, Room
 
@@ -34,6 +34,9 @@ def room_tokens_from_body(body: dict[str, Any]) -> tuple[str | None, list[str] |
     name = body.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 256):
         raise ApiError(400, "invalid_name", "name must be a string of at most 256 characters")
+    problem = text_problem("name", name) if name is not None else None
+    if problem is not None:
+        raise ApiError(400, "invalid_name", problem)
     if "firebase_tokens" in body and "firebase_token" in body:
         raise ApiError(400, "invalid_body", "give firebase_tokens or firebase_token, not both")
     tokens: list[str] | None = None
@@ -160,7 +163,7 @@ class ChannelRenewHandler(BaseHandler):
     auth = "api_key"
 
     async def post(self) -> None:
-        calendar_id = self.get_query_argument("calendar_id", None)
+        calendar_id = self.str_arg("calendar_id")
         if calendar_id is not None:
             check_calendar_id(calendar_id)
             if await self.service.store.get_room(calendar_id) is None:

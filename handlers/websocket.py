@@ -17,7 +17,7 @@ from daemon.configfile import Subscriber
 from daemon.fanout import Client, FanoutHub
 from daemon.ids import calendar_id_problem
 from daemon.origins import ANY, normal_origin
-from handlers.base import ApiError, bearer_token
+from handlers.base import ApiError, BadJson, bearer_token, load_json
 from storage.base import StoreError
 
 if TYPE_CHECKING:
@@ -203,9 +203,9 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
             if isinstance(message, bytes):
                 raise BadMessage("invalid_message", "binary frames are not accepted")
             try:
-                data = json.loads(message)
-            except ValueError:
-                raise BadMessage("invalid_json", "a frame must hold one JSON object") from None
+                data = load_json(message)
+            except BadJson as error:
+                raise BadMessage("invalid_json", f"the frame {error}") from None
             if not isinstance(data, dict):
                 raise BadMessage("invalid_message", "a frame must hold one JSON object")
             kind = data.get("type")

@@ -59,6 +59,10 @@ def test_check_config_warns_about_a_plain_http_public_url(tmp_path):
             "websocket:\n  allowed_origins: ['127.0.0.1:8765']\n",
             "websocket.allowed_origins ({file}): '127.0.0.1:8765' is not scheme://host[:port]",
         ),
+        (
+            "server:\n  xheaders: true\n",
+            "server.xheaders ({file}): replaced by server.trusted_proxies",
+        ),
     ],
 )
 def test_a_bad_config_is_one_line_and_exit_2(tmp_path, text, expected):

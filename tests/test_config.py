@@ -53,6 +53,7 @@ def test_defaults_match_the_contract():
     assert (config.backend.refresh_interval, config.backend.timeout) == (0, 10)
     assert config.sync.poll_interval == 900 and config.logging.level == "info"
     assert loaded.secrets.api_keys == ()
+    assert config.server.trusted_proxies == [] and config.auth.legacy_allow_from == []
 
 
 def test_the_shipped_config_yaml_loads_and_keeps_the_defaults():
@@ -75,7 +76,7 @@ def test_file_then_environment_and_sources(tmp_path):
     lines = describe(loaded)
     assert "server.port = 9100  # environment (MRM_PUSH__SERVER__PORT)" in lines
     assert "server.host = 0.0.0.0  # file" in lines
-    assert "server.xheaders = false  # default" in lines
+    assert "server.trusted_proxies = []  # default" in lines
 
 
 def test_environment_values_are_yaml(tmp_path):
@@ -128,9 +129,25 @@ def test_environment_values_are_yaml(tmp_path):
             "google.request_timeout ({file}): Input should be greater",
         ),
         (
-            "server:\n  xheaders: 1\n",
+            "server:\n  xheaders: true\n",
             {},
-            "server.xheaders ({file}): Input should be a valid boolean",
+            "server.xheaders ({file}): replaced by server.trusted_proxies",
+        ),
+        (
+            "",
+            {"MRM_PUSH__SERVER__XHEADERS": "1"},
+            "server.xheaders (MRM_PUSH__SERVER__XHEADERS): replaced by server.trusted",
+        ),
+        (
+            "server:\n  trusted_proxies: [nope]\n",
+            {},
+            "server.trusted_proxies ({file}): 'nope' is not a",
+        ),
+        ("server:\n  trusted_proxies: [10.0.0.0/33]\n", {}, "'10.0.0.0/33' is not a CIDR"),
+        (
+            "server:\n  trusted_proxies: 10.0.0.0/8\n",
+            {},
+            "server.trusted_proxies ({file}): Input should",
         ),
         ("auth:\n  legacy_allow_from: [10.0.0.0/33]\n", {}, "'10.0.0.0/33' is not a CIDR"),
         ("auth:\n  subscribers: [{calendars: [a]}]\n", {}, "exactly one of token or token_file"),
