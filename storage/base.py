@@ -159,7 +159,8 @@ class Store(Protocol):
     ) -> tuple[Room, bool]:
         """Create or update; returns (room, created). `name` None keeps the name ("" for a new
         room); `firebase_tokens` None keeps the token set, a list replaces it (order kept,
-        duplicates dropped) and clears the tombstones of the tokens it names."""
+        duplicates dropped), clears the tombstones of the tokens it names and cancels the
+        non-final deliveries of the tokens it leaves out."""
 
     async def add_tokens(
         self, calendar_id: str, tokens: list[str], now: float, *, respect_tombstones: bool
@@ -169,7 +170,8 @@ class Store(Protocol):
         not added; without it, its tombstone is cleared and it is added."""
 
     async def remove_token(self, calendar_id: str, token: str, now: float) -> bool:
-        """Remove a token; False when the room or the token is not there."""
+        """Remove a token and cancel its non-final deliveries to this room; False when the room
+        or the token is not there."""
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
         """Drop a token FCM refused, remembering it until `until`; cancels its pending

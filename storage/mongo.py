@@ -349,6 +349,9 @@ class MongoStore:
 
         async with self._op() as db:
             before, after, _ = await self._change_room(db, calendar_id, change)
+            if before is not None and tokens is not None:
+                dropped = set(before["tokens"]) - set(tokens)
+                await self._cancel_token_deliveries(db, calendar_id, sorted(dropped), now)
         assert after is not None  # change() always writes
         return _room(after), before is None
 
@@ -389,7 +392,28 @@ class MongoStore:
 
         async with self._op() as db:
             _, _, written = await self._change_room(db, calendar_id, change)
+            await self._cancel_token_deliveries(db, calendar_id, [token], now)
         return written
+
+    @staticmethod
+    async def _cancel_token_deliveries(
+        db: Any, calendar_id: str, tokens: list[str], now: float
+    ) -> None:
+        """A token that left a room takes its non-final deliveries with it (contract 2). Not
+        atomic with the room write (no transactions here): a crash in between leaves them to
+        be sent, as if the token had left a moment later."""
+        if tokens:
+            await db.deliveries.update_many(
+                {
+                    "calendar_id": calendar_id,
+                    "target_token": {"$in": tokens},
+                    "state": {"$in": _NON_FINAL},
+                },
+                {
+                    "$set": {"state": "cancelled", "lease_until": None, "updated_at": now},
+                    "$unset": {"due": ""},
+                },
+            )
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
         was_in = False

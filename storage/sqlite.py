@@ -235,6 +235,19 @@ async def _one(db: aiosqlite.Connection, sql: str, params: Params = ()) -> sqlit
     return rows[0] if rows else None
 
 
+async def _cancel_token_deliveries(
+    db: aiosqlite.Connection, calendar_id: str, tokens: list[str], now: float
+) -> None:
+    """A token that left a room takes its non-final deliveries with it (contract 2)."""
+    if tokens:
+        await db.execute(
+            "UPDATE deliveries SET state = 'cancelled', lease_until = NULL, updated_at = ?"
+            " WHERE calendar_id = ? AND state IN ('pending', 'in_flight')"
+            " AND target_token IN (SELECT value FROM json_each(?))",
+            (now, calendar_id, json.dumps(tokens)),
+        )
+
+
 async def _with_deliveries(db: aiosqlite.Connection, rows: list[sqlite3.Row]) -> list[Notification]:
     if not rows:
         return []
@@ -431,6 +444,9 @@ class SqliteStore:
                     "DELETE FROM tombstones WHERE calendar_id = ? AND token = ?",
                     [(calendar_id, token) for token in tokens],
                 )
+            if old is not None and tokens is not None:
+                dropped = set(json.loads(old["firebase_tokens"])) - set(tokens)
+                await _cancel_token_deliveries(db, calendar_id, sorted(dropped), now)
             row = await _one(db, "SELECT * FROM rooms WHERE calendar_id = ?", (calendar_id,))
         assert row is not None
         return _room(row), old is None
@@ -493,7 +509,9 @@ class SqliteStore:
 
     async def remove_token(self, calendar_id: str, token: str, now: float) -> bool:
         async with self._transaction() as db:
-            return await self._drop_token(db, calendar_id, token, now)
+            removed = await self._drop_token(db, calendar_id, token, now)
+            await _cancel_token_deliveries(db, calendar_id, [token], now)
+            return removed
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
         async with self._transaction() as db:
