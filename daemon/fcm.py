@@ -26,7 +26,11 @@ BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 # google-auth itself refreshes 3 min 45 s before expiry, blocking; we refresh first, off the loop.
 REFRESH_MARGIN = 300.0
 
-OutcomeKind = Literal["sent", "unregistered", "sender_mismatch", "retry", "fatal"]
+# project_refused: 403 or 404 without an FCM errorCode (the API disabled, a wrong endpoint or
+# project): nothing is wrong with the token, and every other delivery would get the same.
+OutcomeKind = Literal[
+    "sent", "unregistered", "sender_mismatch", "project_refused", "retry", "fatal"
+]
 _RETRY_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -50,6 +54,9 @@ class SendOutcome:
 
 class FcmSender(Protocol):
     """Sends one data message to one registration token per call."""
+
+    # Sends it runs at once without one waiting for another (the worker claims no more).
+    max_in_flight: int
 
     async def start(self) -> None: ...
 
@@ -143,6 +150,10 @@ def classify(
     if status == 401 and error_code != "THIRD_PARTY_AUTH_ERROR":
         # Our access token was refused (revoked, or FCM's clock ahead): get a new one, retry.
         return outcome("retry")
+    if status in (403, 404) and error_code is None:
+        if not isinstance(message, str):  # not FCM's JSON at all: most likely not FCM's URL
+            text = f"HTTP {status} without an FCM error: check fcm.endpoint and fcm.project_id"
+        return outcome("project_refused")
     return outcome("fatal")
 
 
@@ -174,6 +185,9 @@ class FirebaseAdminSender:
     - its httpx client belongs to the loop it first ran on, so every sender has its
       own app, deleted in close().
     """
+
+    # Async requests: httpx's pool (100 connections by default) holds the worker's 64.
+    max_in_flight = 64
 
     def __init__(
         self,
@@ -407,6 +421,8 @@ def _make_pyfcm_client(
 
 class PyFcmSender:
     """Sends with pyfcm 2.1 (blocking, requests) in the executor, one request per attempt."""
+
+    max_in_flight = 64
 
     def __init__(
         self,

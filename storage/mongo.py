@@ -811,7 +811,10 @@ class MongoStore:
                     "notification_id",
                     {
                         "notification_id": {"$in": list(candidates)},
-                        "state": {"$nin": ["sent", "failed", "cancelled"]},
+                        "$or": [
+                            {"state": {"$in": _NON_FINAL}},
+                            {"updated_at": {"$gte": published_before}},
+                        ],
                     },
                 )
                 for nid in busy:
@@ -946,9 +949,9 @@ class MongoStore:
                 changes["due"] = next_attempt_at
             elif state != "in_flight":
                 update["$unset"] = {"due": ""}
-            # A delivery cancelled meanwhile stays cancelled.
+            # A delivery cancelled or expired meanwhile stays so.
             doc = await db.deliveries.find_one_and_update(
-                {"_id": delivery_id, "state": {"$ne": "cancelled"}},
+                {"_id": delivery_id, "state": {"$nin": ["cancelled", "expired"]}},
                 update,
                 return_document=ReturnDocument.AFTER,
             )
@@ -966,11 +969,30 @@ class MongoStore:
             )
         return int(result.modified_count)
 
-    async def next_delivery_due(self) -> float | None:
+    async def expire_deliveries(self, created_before: float, now: float) -> int:
         async with self._op() as db:
-            cursor = db.deliveries.find(
-                {"state": {"$in": _NON_FINAL}, "held": {"$exists": False}}, {"due": 1}
+            result = await db.deliveries.update_many(
+                {
+                    "created_at": {"$lt": created_before},
+                    "held": {"$exists": False},
+                    "$or": [
+                        {"state": "pending"},
+                        {"state": "in_flight", "lease_until": {"$lte": now}},
+                    ],
+                },
+                {
+                    "$set": {"state": "expired", "lease_until": None, "updated_at": now},
+                    "$unset": {"due": ""},
+                },
             )
+        return int(result.modified_count)
+
+    async def next_delivery_due(self, kind: TargetKind | None = None) -> float | None:
+        filt: Doc = {"state": {"$in": _NON_FINAL}, "held": {"$exists": False}}
+        if kind is not None:
+            filt["target_kind"] = kind
+        async with self._op() as db:
+            cursor = db.deliveries.find(filt, {"due": 1})
             docs = await cursor.sort([("due", 1)]).limit(1).to_list(None)
         return float(docs[0]["due"]) if docs else None
 

@@ -846,9 +846,10 @@ class SqliteStore:
             rows = await _all(
                 db,
                 "SELECT id, seq FROM notifications AS n WHERE (state = 'published'"
-                " AND published_at < ? AND NOT EXISTS (SELECT 1 FROM deliveries AS d"
-                " WHERE d.notification_id = n.id AND d.state IN ('pending', 'in_flight')))"
-                " OR (state = 'skipped' AND received_at < ?)",
+                " AND published_at < ?1 AND NOT EXISTS (SELECT 1 FROM deliveries AS d"
+                " WHERE d.notification_id = n.id AND (d.state IN ('pending', 'in_flight')"
+                " OR d.updated_at >= ?1)))"
+                " OR (state = 'skipped' AND received_at < ?2)",
                 (published_before, received_before),
             )
             if not rows:
@@ -917,7 +918,7 @@ class SqliteStore:
                 " attempts = coalesce(?, attempts),"
                 " next_attempt_at = coalesce(?, next_attempt_at),"
                 " last_error = coalesce(?, last_error)"
-                " WHERE id = ? AND state != 'cancelled'",
+                " WHERE id = ? AND state NOT IN ('cancelled', 'expired')",
                 (state, now, attempts, next_attempt_at, last_error, delivery_id),
             )
             row = await _one(db, "SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
@@ -936,14 +937,26 @@ class SqliteStore:
             cursor = await db.execute(sql, params)
             return cursor.rowcount
 
-    async def next_delivery_due(self) -> float | None:
+    async def expire_deliveries(self, created_before: float, now: float) -> int:
+        async with self._session() as db:
+            cursor = await db.execute(
+                "UPDATE deliveries SET state = 'expired', lease_until = NULL, updated_at = ?"
+                " WHERE created_at < ? AND (state = 'pending'"
+                " OR (state = 'in_flight' AND lease_until <= ?))",
+                (now, created_before, now),
+            )
+            return cursor.rowcount
+
+    async def next_delivery_due(self, kind: TargetKind | None = None) -> float | None:
         async with self._session() as db:
             # min() as an aggregate skips NULLs: either side may have nothing waiting.
             row = await _one(
                 db,
                 "SELECT min(due) FROM (SELECT min(next_attempt_at) AS due FROM deliveries"
-                " WHERE state = 'pending' UNION ALL SELECT min(lease_until) FROM deliveries"
-                " WHERE state = 'in_flight')",
+                " WHERE state = 'pending' AND (?1 IS NULL OR target_kind = ?1)"
+                " UNION ALL SELECT min(lease_until) FROM deliveries"
+                " WHERE state = 'in_flight' AND (?1 IS NULL OR target_kind = ?1))",
+                (kind,),
             )
         return float(row[0]) if row is not None and row[0] is not None else None
 

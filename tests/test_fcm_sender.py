@@ -235,10 +235,35 @@ async def test_other_400_is_fatal_with_fcms_message(backend, emu, senders):
 
 
 @pytest.mark.gen_test(timeout=15)
-async def test_wrong_project_is_fatal_not_a_token_drop(backend, emu, senders):
+async def test_wrong_project_is_a_project_refusal_not_a_token_drop(backend, emu, senders):
     outcome = await send(senders(backend, emu, project="not-our-project"))
-    assert (outcome.kind, outcome.status) == ("fatal", 403)
+    assert (outcome.kind, outcome.status, outcome.code) == (
+        "project_refused",
+        403,
+        "PERMISSION_DENIED",
+    )
     assert "cloudmessaging.messages.create" in (outcome.error or "")
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_fcm_api_disabled_is_a_project_refusal_with_fcms_message(backend, emu, senders):
+    emu.fcm.fail(None, 403)
+    outcome = await send(senders(backend, emu))
+    assert (outcome.kind, outcome.status, outcome.code) == (
+        "project_refused",
+        403,
+        "PERMISSION_DENIED",
+    )
+    assert (outcome.error or "").startswith("Firebase Cloud Messaging API has not been used")
+    assert emu.fcm.attempts(TOKEN) == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_an_unknown_endpoint_is_a_project_refusal(backend, emu, senders):
+    emu.fcm.fail(None, 404)  # Google's front end: an HTML page, no FCM error at all
+    outcome = await send(senders(backend, emu))
+    assert (outcome.kind, outcome.status, outcome.code) == ("project_refused", 404, None)
+    assert "fcm.endpoint" in (outcome.error or "")
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -376,11 +401,48 @@ def error_body(code, status, message, *details):
     )
 
 
+FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+
+
 def test_only_fcms_error_code_drops_a_token():
-    # A bare 404 or 403 (a proxy, a wrong path) must not wipe tablets.
-    assert classify(404, "<html>Not Found</html>", None, token=TOKEN, now=0).kind == "fatal"
+    # A bare 404 or 403 (a proxy, a wrong path, the API disabled) must not wipe tablets: it
+    # holds FCM deliveries instead (pyfcm's path: classify() sees the raw answer).
+    html_404 = classify(404, "<html>Not Found</html>", None, token=TOKEN, now=0)
+    assert (html_404.kind, html_404.status, html_404.code) == ("project_refused", 404, None)
+    assert "fcm.endpoint" in (html_404.error or "")
     bare_403 = error_body(403, "PERMISSION_DENIED", "The caller does not have permission")
-    assert classify(403, bare_403, None, token=TOKEN, now=0).kind == "fatal"
+    assert classify(403, bare_403, None, token=TOKEN, now=0) == SendOutcome(
+        "project_refused",
+        error="The caller does not have permission",
+        status=403,
+        code="PERMISSION_DENIED",
+    )
+    disabled = error_body(
+        403,
+        "PERMISSION_DENIED",
+        "Firebase Cloud Messaging API has not been used in project 1234 before",
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"},
+    )
+    assert classify(403, disabled, None, token=TOKEN, now=0).kind == "project_refused"
+    json_404 = error_body(404, "NOT_FOUND", "Requested entity was not found.")
+    assert classify(404, json_404, None, token=TOKEN, now=0).kind == "project_refused"
+    # With FCM's own errorCode they are about the token.
+    unregistered = error_body(
+        404,
+        "NOT_FOUND",
+        "Requested entity was not found.",
+        {"@type": FCM_ERROR, "errorCode": "UNREGISTERED"},
+    )
+    assert classify(404, unregistered, None, token=TOKEN, now=0).kind == "unregistered"
+    mismatch = error_body(
+        403,
+        "PERMISSION_DENIED",
+        "SenderId mismatch",
+        {"@type": FCM_ERROR, "errorCode": "SENDER_ID_MISMATCH"},
+    )
+    assert classify(403, mismatch, None, token=TOKEN, now=0).kind == "sender_mismatch"
+    # Another 4xx without an errorCode is still the message's fault: failed at once.
+    assert classify(413, "too large", None, token=TOKEN, now=0).kind == "fatal"
 
 
 def test_invalid_argument_naming_the_token_field():

@@ -224,7 +224,8 @@ async def test_a_token_that_leaves_the_room_takes_its_pending_deliveries(
     await emulator.fcm.wait_for_attempts(TOKEN_A, 1)
     await service.delivery.drain(5)
     by_token = {
-        d.target.token: d for d in (await service.store.get_notification(notification_id)).deliveries
+        d.target.token: d
+        for d in (await service.store.get_notification(notification_id)).deliveries
     }
     assert (by_token[TOKEN_A].state, by_token[TOKEN_A].attempts) == ("pending", 1)
     assert by_token[TOKEN_B].state == "sent"
@@ -238,7 +239,8 @@ async def test_a_token_that_leaves_the_room_takes_its_pending_deliveries(
         assert (await call(service, "GET", "/token" + query))[0] == 200
 
     by_token = {
-        d.target.token: d for d in (await service.store.get_notification(notification_id)).deliveries
+        d.target.token: d
+        for d in (await service.store.get_notification(notification_id)).deliveries
     }
     assert by_token[TOKEN_A].state == "cancelled"
     assert by_token[TOKEN_B].state == "sent"
