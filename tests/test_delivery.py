@@ -181,12 +181,12 @@ def make_worker(io_loop, store, clock, emu, executor):
         sender = None
         if kw.pop("with_sender", True):
             sender = make_sender(
-                "firebase-admin",
+                kw.pop("fcm_backend", "firebase-admin"),
                 service_account_file=emu.key_file,
                 project_id=PROJECT,
                 endpoint=emu.base_url,
                 attempt_timeout=5.0,
-                executor=executor,
+                executor=kw.pop("executor", executor),
                 clock=clock,
             )
             senders.append(sender)
@@ -679,7 +679,7 @@ async def test_a_404_without_an_error_code_holds_fcm_and_drops_no_token(
     assert all(d.next_attempt_at == opened_at + PROBE_INTERVAL for d in stored.deliveries)
     assert all("check fcm.endpoint" in d.last_error for d in stored.deliveries)
     assert (await store.get_room(CAL)).firebase_tokens == (TOKEN, TOKEN_B)
-    with pytest.raises(RuntimeError, match="FCM refused the project since .*HTTP 404"):
+    with pytest.raises(RuntimeError, match=r"FCM refused the project since .*HTTP 404"):
         await worker.check()
     opened = [r for r in caplog.records if r.getMessage() == "fcm_project_refused_hold_open"]
     assert len(opened) == 1
@@ -741,6 +741,32 @@ async def test_worker_leases_cover_the_attempt(store, clock, emu, make_worker):
     assert in_flight.lease_until >= clock.now() + 2 * 5 + 30
     emu.fcm.release()
     assert await running == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_worker_claims_no_more_pyfcm_attempts_than_there_are_threads(
+    store, clock, emu, make_worker
+):
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        worker = make_worker(fcm_backend="pyfcm", executor=pool)
+        tokens = [tok(f"p{i}") for i in range(5)]
+        emu.fcm.hold_answers()
+        notification = await publish(store, clock, tokens)
+        running = asyncio.ensure_future(worker.run_once())
+        await emu.fcm.wait_for_attempts(tokens[0], 1)
+        await emu.fcm.wait_for_attempts(tokens[1], 1)
+        # The other three stay pending in the store, not claimed to wait for a thread (where
+        # the attempt's guard would run out on them).
+        assert await store.count_deliveries("in_flight") == 2
+        assert await store.count_deliveries("pending") == 3
+        emu.fcm.release()
+        assert await running == 2
+        await run_until_settled(worker, store, clock)
+        assert await states(store, notification) == ["sent"] * 5
+    finally:
+        emu.fcm.release()
+        pool.shutdown(wait=True)
 
 
 @pytest.mark.gen_test(timeout=20)
