@@ -25,14 +25,6 @@ TargetKind = Literal["fcm", "backend"]
 # when); sent; failed (gave up, last_error says why); expired (still not final after
 # storage.retention_days); cancelled (room deleted or token gone).
 DeliveryState = Literal["pending", "in_flight", "sent", "failed", "expired", "cancelled"]
-DELIVERY_STATES: tuple[DeliveryState, ...] = (
-    "pending",
-    "in_flight",
-    "sent",
-    "failed",
-    "expired",
-    "cancelled",
-)
 FINAL_DELIVERY_STATES: frozenset[str] = frozenset({"sent", "failed", "expired", "cancelled"})
 
 
