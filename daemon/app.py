@@ -65,12 +65,17 @@ class Service:
         self.channels = ChannelManager(self.store, self.google, self.clock, self.config)
         self.rooms = Rooms(self.store, self.channels, self.clock)
         self.refresher = Refresher(self.store, self.rooms, self.config, self.secrets.backend_token)
-        self.syncer = Syncer(
-            self.store, self.google, self.clock, self.config, on_published=self._published
-        )
         # Blocking FCM work (credential refresh; pyfcm's requests) runs here, never on the loop.
         self.fcm_executor = ThreadPoolExecutor(FCM_THREADS, thread_name_prefix="fcm")
         self.fcm_sender = self._make_fcm_sender()
+        self.syncer = Syncer(
+            self.store,
+            self.google,
+            self.clock,
+            self.config,
+            on_published=self._published,
+            fcm=self.fcm_sender is not None,
+        )
         self.delivery = DeliveryWorker(
             self.store, self.fcm_sender, self.clock, self.config, self.secrets.backend_token
         )
@@ -132,7 +137,14 @@ class Service:
     def _make_fcm_sender(self) -> FcmSender | None:
         fcm = self.config.fcm
         if not fcm.service_account_file:
-            return None  # serve logs it (configcheck.warnings); /readyz says so
+            log.warning(
+                "fcm_not_configured",
+                extra={
+                    "reason": "fcm.service_account_file is not set: no FCM deliveries are made "
+                    "and tablets get nothing (the WebSocket feed and the backend still work)"
+                },
+            )
+            return None
         project_id = fcm.project_id or _key_project_id(fcm.service_account_file)
         return make_sender(
             fcm.backend,
@@ -174,10 +186,13 @@ class Service:
             self.channels.spawn(self._periodic_work[name]())
 
     async def purge(self) -> int:
-        """Retention: published notifications older than storage.retention_days go (once their
-        deliveries are final), and unpublished ones too; the store remembers the highest seq
-        dropped, so a replay from before it says `complete: false`."""
+        """Retention: deliveries still not final storage.retention_days after they were made
+        become `expired`; published notifications older than that go once their deliveries are
+        final and none of them changed since the cutoff (so an expired one stays visible for
+        another retention period), and unpublished ones too; the store remembers
+        the highest seq dropped, so a replay from before it says `complete: false`."""
         cutoff = self.clock.now() - self.config.storage.retention_days * 86400
+        await self.delivery.expire(cutoff)
         dropped = await self.store.purge_notifications(cutoff, cutoff)
         if dropped:
             log.info("notifications_purged", extra={"count": dropped})

@@ -11,11 +11,13 @@ Choices where contract 4 leaves room (for the README):
   "; token dropped" as last_error, and the token's other deliveries are cancelled.
 - Retries wait the larger of the backoff (equal jitter, from RETRY_BASE) and Retry-After, so
   Retry-After is never cut short and a short one does not undo the backoff.
-- The SENDER_ID_MISMATCH breaker opens when more than `fcm.mismatch_breaker` different tokens
-  mismatch within MISMATCH_WINDOW seconds of the clock. While open, no token is dropped for any
-  reason, and FCM deliveries are held `pending` until the next probe (attempts not counted).
-  Every PROBE_INTERVAL one delivery is tried alone; `sent` closes the breaker and the held
-  deliveries go at once, anything else keeps it open until the next probe.
+- The SENDER_ID_MISMATCH breaker, and FCM answering 403/404 without an errorCode, open the FCM
+  hold (daemon/fcm_hold.py): no token is dropped, FCM deliveries wait `pending` untouched (none
+  is claimed, attempts not counted) and one probe every PROBE_INTERVAL tries again.
+- Without FCM configured (no sender) no FCM delivery is claimed at all: the syncer makes none,
+  and those an older version left stay as they are until retention expires them.
+- Retention: a delivery still not final `storage.retention_days` after it was made becomes
+  `expired` (`expire`, run by the service's purge), so that its notification can go.
 - Backend notifies are coalesced per calendar: the backend deliveries of a calendar claimed
   together make one call, and all of them are `sent` when it succeeds. Those claimed while a
   call for the calendar is in flight wait (claimed, in memory) and make the next call; when the
@@ -40,6 +42,7 @@ from daemon.backoff import backoff_delay, retry_after_seconds
 from daemon.clock import Clock, rfc3339
 from daemon.config import Config
 from daemon.fcm import FcmSender, SendOutcome, shorten
+from daemon.fcm_hold import FcmHold
 from daemon.fcm_message import TTL_SECONDS, fcm_data
 from daemon.logs import short_token
 from storage.base import Delivery, DeliveryState, Store
@@ -48,8 +51,9 @@ __all__ = ["NOTIFY_MUTATION", "DeliveryWorker", "fcm_data"]
 
 log = logging.getLogger(__name__)
 
-# At most this many FCM attempts at once: enough to keep a room of tablets moving while one
-# slow answer waits out its timeout, few enough not to trip FCM's per-project quota.
+# At most this many FCM attempts at once (fewer when the sender can run fewer, see
+# FcmSender.max_in_flight): enough to keep a room of tablets moving while one slow answer waits
+# out its timeout, few enough not to trip FCM's per-project quota.
 MAX_FCM_IN_FLIGHT = 64
 # Backend deliveries claimed at once (in a call or waiting behind their calendar's call).
 MAX_BACKEND_HELD = 64
@@ -59,19 +63,12 @@ BACKEND_CONCURRENCY = 8
 LEASE_MARGIN = 30.0  # seconds past the longest attempt before another worker may take a claim
 RETRY_BASE = 10.0  # first retry after 5-10 s; FCM asks for no less than that after a 5xx
 RETRY_CAP = 3600.0
-MISMATCH_WINDOW = 60.0
-PROBE_INTERVAL = 120.0
-UNCONFIGURED_HOLD = 300.0  # FCM not configured: held deliveries are looked at this often
 IDLE_CHECK = 60.0  # longest sleep: catches work published without wake()
 ERROR_PAUSE = 5.0  # after the store failed in the loop
 DATA_CACHE_SIZE = 1024  # notifications whose FCM data is kept (one per notification, many tokens)
 NOTIFY_MUTATION = (
     "mutation($calendarId: String!) { mrmNotification(calendarId: $calendarId) { message } }"
 )
-BREAKER_HELD = "held: SENDER_ID_MISMATCH breaker open"
-UNCONFIGURED = "held: FCM is not configured (fcm.service_account_file)"
-
-FcmMode = Literal["send", "probe", "hold", "unconfigured"]
 
 
 @dataclass(frozen=True)
@@ -126,9 +123,13 @@ class DeliveryWorker:
         self.retried = 0
         self.dropped_tokens = 0
         self.held = 0
-        # The sender bounds the token refresh and the request by attempt_timeout each; this
-        # bounds both together, in case a library ignores its timeout.
-        self._fcm_guard = 2 * config.fcm.attempt_timeout + 5.0
+        self.expired = 0
+        self.hold = FcmHold(config.fcm.mismatch_breaker)
+        self._fcm_slots = 0 if sender is None else min(MAX_FCM_IN_FLIGHT, sender.max_in_flight)
+        # The senders bound each part of an attempt by attempt_timeout (pyfcm: a wait for a
+        # thread behind a token refresh, the refresh, the connect, the answer); this bounds
+        # them together, in case a library ignores its timeout.
+        self._fcm_guard = 4 * config.fcm.attempt_timeout + 10.0
         # A backend delivery may wait for its calendar's call, then make its own.
         self._lease_span = 2 * max(self._fcm_guard, config.backend.timeout) + LEASE_MARGIN
         self._wake = asyncio.Event()
@@ -140,10 +141,6 @@ class DeliveryWorker:
         self._owned_fcm: set[int] = set()
         self._owned_backend: set[int] = set()
         self._data: OrderedDict[int, dict[str, str]] = OrderedDict()
-        self._mismatches: dict[str, float] = {}  # token -> when it last mismatched
-        self._breaker_since: float | None = None
-        self._next_probe_at = 0.0
-        self._probing = False
         self._notify_busy: set[str] = set()
         self._notify_waiting: dict[str, list[Delivery]] = {}
         self._notify_slots = asyncio.Semaphore(BACKEND_CONCURRENCY)
@@ -168,18 +165,30 @@ class DeliveryWorker:
             claim_now = self.clock.now()
             try:
                 await self._dispatch(claim_now)
-                due = await self.store.next_delivery_due()
+                due = await self.next_due()
             except Exception:
                 log.exception("delivery_loop_failed")
                 due = claim_now + ERROR_PAUSE
             if due is None or due <= claim_now:
-                # Nothing waits, or what is due could not be taken (every slot busy, a probe
-                # in flight): an ending attempt or a publication wakes us.
+                # Nothing waits, or what is due could not be taken (every slot busy): an ending
+                # attempt or a publication wakes us.
                 delay = IDLE_CHECK
             else:
                 delay = due - self.clock.now()
             if delay > 0 and not self._stopping:
                 await self._sleep(delay)
+
+    async def next_due(self) -> float | None:
+        """When there is next something to claim: the earliest due delivery of a kind this
+        worker claims now. Held FCM deliveries count only from the next probe (none while a
+        probe is answering, whose end wakes the loop), so the loop sleeps instead of spinning
+        on them; without a sender FCM deliveries do not count at all."""
+        due = await self.store.next_delivery_due("backend")
+        if self.sender is not None:
+            fcm = self.hold.wake_at(await self.store.next_delivery_due("fcm"))
+            if fcm is not None:
+                due = fcm if due is None else min(due, fcm)
+        return due
 
     async def _sleep(self, seconds: float) -> None:
         waker = asyncio.ensure_future(self._wake.wait())
@@ -220,22 +229,18 @@ class DeliveryWorker:
         lease_until = now + self._lease_span
         tasks: list[asyncio.Task[None]] = []
         count = 0
-        free, probe = self._fcm_capacity(now)
+        # While held: only the probe (and nothing without a sender): the others stay untouched.
+        free, probe = self.hold.capacity(now, self._fcm_slots - len(self._owned_fcm))
         if free > 0:
             for delivery in await self.store.claim_deliveries(now, lease_until, free, "fcm"):
                 if delivery.id in self._owned_fcm:
                     continue
                 self._owned_fcm.add(delivery.id)
                 count += 1
-                mode: FcmMode = "send"
-                if self.sender is None:
-                    mode = "unconfigured"
-                elif probe:
-                    mode, probe = "probe", False
-                    self._probing = True
-                elif self._breaker_since is not None:
-                    mode = "hold"
-                tasks.append(self._spawn(self._fcm(delivery, mode)))
+                if probe:
+                    self.hold.probe_started()
+                tasks.append(self._spawn(self._fcm(delivery, probe)))
+                probe = False
         free = MAX_BACKEND_HELD - len(self._owned_backend)
         if free > 0:
             groups: dict[str, list[Delivery]] = {}
@@ -248,17 +253,6 @@ class DeliveryWorker:
             for calendar_id, group in groups.items():
                 tasks.append(self._spawn(self._notify(calendar_id, group)))
         return count, tasks
-
-    def _fcm_capacity(self, now: float) -> tuple[int, bool]:
-        """How many FCM deliveries to claim now, and whether the first one is a probe."""
-        free = MAX_FCM_IN_FLIGHT - len(self._owned_fcm)
-        if self.sender is None or self._breaker_since is None:
-            return free, False
-        if self._probing:
-            return 0, False  # the rest waits for the probe's answer
-        if now >= self._next_probe_at:
-            return min(free, 1), True
-        return free, False  # claimed only to be held until the next probe
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(self._guarded(work))
@@ -306,32 +300,19 @@ class DeliveryWorker:
             self.held += 1
 
     # -- FCM ---------------------------------------------------------------------------------
-    async def _fcm(self, delivery: Delivery, mode: FcmMode) -> None:
+    async def _fcm(self, delivery: Delivery, probe: bool) -> None:
         try:
-            if mode == "unconfigured":
-                at = self.clock.now() + UNCONFIGURED_HOLD
-                await self._finish(
-                    delivery,
-                    "pending",
-                    count="held",
-                    next_attempt_at=at,
-                    last_error=UNCONFIGURED,
-                )
-            elif mode == "hold":
-                await self._hold(delivery)
-            else:
-                await self._attempt(delivery, probe=mode == "probe")
+            await self._attempt(delivery, probe=probe)
         finally:
             self._owned_fcm.discard(delivery.id)
-            if mode == "probe":
-                self._probing = False
+            if probe and self.hold.probing:
+                self.hold.probe_abandoned()
 
-    async def _hold(self, delivery: Delivery, later: float = 0.0, error: str | None = None) -> None:
-        """Back to pending until the next probe; attempts not counted, token kept."""
-        at = self._next_probe_at + later
-        await self._finish(
-            delivery, "pending", count="held", next_attempt_at=at, last_error=error or BREAKER_HELD
-        )
+    async def _hold(self, delivery: Delivery, error: str) -> None:
+        """Back to pending until the next probe; attempts not counted, token kept. Its time is
+        the probe's, after every delivery already waiting: the next probe tries another one."""
+        at = self.hold.next_probe_at
+        await self._finish(delivery, "pending", count="held", next_attempt_at=at, last_error=error)
 
     async def _attempt(self, delivery: Delivery, *, probe: bool) -> None:
         token = delivery.target.token
@@ -382,20 +363,20 @@ class DeliveryWorker:
             "token": short_token(token),
         }
         if probe:
-            if outcome.kind == "sent":
+            sent = outcome.kind == "sent"
+            self.hold.probe_ended(sent, now, error, ids)
+            if sent:
                 await self._finish(delivery, "sent", attempts=attempts)
-                self._close_breaker(ids)
             else:
-                self._next_probe_at = now + PROBE_INTERVAL
-                log.warning("fcm_breaker_probe_failed", extra={**ids, "error": error})
-                # Just after the others, so that the next probe tries another delivery.
-                await self._hold(delivery, later=1.0, error=f"{BREAKER_HELD}; probe: {error}")
+                await self._hold(delivery, f"{self.hold.held_error}; probe: {error}")
             return
         kind = outcome.kind
-        if kind == "sender_mismatch" and self._breaker_since is None:
-            self._note_mismatch(token, now, ids)
-        if kind in ("unregistered", "sender_mismatch") and self._breaker_since is not None:
-            await self._hold(delivery, error=f"{BREAKER_HELD}; {error}")
+        if kind == "sender_mismatch":
+            self.hold.note_mismatch(token, now, ids)
+        elif kind == "project_refused":
+            self.hold.project_refused(now, error, ids)
+        if kind in ("unregistered", "sender_mismatch", "project_refused") and self.hold.is_open:
+            await self._hold(delivery, f"{self.hold.held_error}; {error}")
         elif kind == "sent":
             log.debug("fcm_sent", extra=ids)
             await self._finish(delivery, "sent", attempts=attempts)
@@ -413,53 +394,32 @@ class DeliveryWorker:
             log.warning("fcm_failed", extra={**ids, "error": error})
             await self._finish(delivery, "failed", attempts=attempts, last_error=error)
 
-    # -- the SENDER_ID_MISMATCH breaker ------------------------------------------------------
+    # -- the FCM hold, readiness, retention ---------------------------------------------------
     @property
     def breaker_open(self) -> bool:
-        return self._breaker_since is not None
-
-    def _note_mismatch(self, token: str, now: float, ids: dict[str, Any]) -> None:
-        """Count a mismatching token; open the breaker past the limit (this token is then
-        kept: it is the one that shows something larger is wrong)."""
-        cutoff = now - MISMATCH_WINDOW
-        self._mismatches = {t: at for t, at in self._mismatches.items() if at > cutoff}
-        self._mismatches[token] = now
-        limit = self.config.fcm.mismatch_breaker
-        if len(self._mismatches) <= limit:
-            return
-        self._breaker_since = now
-        self._next_probe_at = now + PROBE_INTERVAL
-        log.error(
-            "fcm_sender_id_mismatch_breaker_open",
-            extra={
-                **ids,
-                "tokens": len(self._mismatches),
-                "limit": limit,
-                "window_seconds": MISMATCH_WINDOW,
-                "next_probe_at": rfc3339(self._next_probe_at),
-                "hint": "fcm.project_id or the key does not match the app's Firebase project",
-            },
-        )
-
-    def _close_breaker(self, ids: dict[str, Any]) -> None:
-        log.warning("fcm_sender_id_mismatch_breaker_closed", extra=ids)
-        self._breaker_since = None
-        self._mismatches.clear()
-        # The held deliveries are due (or come due at their probe time); _fcm_capacity now
-        # lets the next claim take them as ordinary attempts.
+        """FCM deliveries are held (the mismatch breaker, or FCM refusing the project)."""
+        return self.hold.is_open
 
     async def check(self) -> None:
         """For /readyz "fcm": raises with the reason when FCM cannot be used now."""
         if self.sender is None:
             raise RuntimeError("not configured: fcm.service_account_file is not set")
-        if self._breaker_since is not None:
-            raise RuntimeError(
-                f"SENDER_ID_MISMATCH breaker open since {rfc3339(self._breaker_since)}: more "
-                f"than {self.config.fcm.mismatch_breaker} different tokens mismatched within "
-                f"{MISMATCH_WINDOW:g} s (check fcm.project_id); FCM deliveries are held and "
-                f"no token is dropped; next probe at {rfc3339(self._next_probe_at)}"
-            )
+        problem = self.hold.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
         await self.sender.check()
+
+    async def expire(self, created_before: float) -> int:
+        """Retention: deliveries made before `created_before` and still not final become
+        `expired` (an attempt going on now ends on its own). Returns how many."""
+        count = await self.store.expire_deliveries(created_before, self.clock.now())
+        if count:
+            self.expired += count
+            log.warning(
+                "deliveries_expired",
+                extra={"count": count, "created_before": rfc3339(created_before)},
+            )
+        return count
 
     # -- retries (FCM and backend) -----------------------------------------------------------
     async def _retry(

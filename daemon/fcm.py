@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import threading
 import uuid
 import warnings
 from concurrent.futures import Executor
@@ -26,7 +25,11 @@ BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 # google-auth itself refreshes 3 min 45 s before expiry, blocking; we refresh first, off the loop.
 REFRESH_MARGIN = 300.0
 
-OutcomeKind = Literal["sent", "unregistered", "sender_mismatch", "retry", "fatal"]
+# project_refused: 403 or 404 without an FCM errorCode (the API disabled, a wrong endpoint or
+# project): nothing is wrong with the token, and every other delivery would get the same.
+OutcomeKind = Literal[
+    "sent", "unregistered", "sender_mismatch", "project_refused", "retry", "fatal"
+]
 _RETRY_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -50,6 +53,10 @@ class SendOutcome:
 
 class FcmSender(Protocol):
     """Sends one data message to one registration token per call."""
+
+    @property
+    def max_in_flight(self) -> int:
+        """Sends it runs at once without one waiting for another (the worker claims no more)."""
 
     async def start(self) -> None: ...
 
@@ -143,6 +150,10 @@ def classify(
     if status == 401 and error_code != "THIRD_PARTY_AUTH_ERROR":
         # Our access token was refused (revoked, or FCM's clock ahead): get a new one, retry.
         return outcome("retry")
+    if status in (403, 404) and error_code is None:
+        if not isinstance(message, str):  # not FCM's JSON at all: most likely not FCM's URL
+            text = f"HTTP {status} without an FCM error: check fcm.endpoint and fcm.project_id"
+        return outcome("project_refused")
     return outcome("fatal")
 
 
@@ -174,6 +185,9 @@ class FirebaseAdminSender:
     - its httpx client belongs to the loop it first ran on, so every sender has its
       own app, deleted in close().
     """
+
+    # Async requests: httpx's pool (100 connections by default) holds the worker's 64.
+    max_in_flight = 64
 
     def __init__(
         self,
@@ -337,170 +351,12 @@ class FirebaseAdminSender:
             self._auth_request.session.close()
 
 
-def _make_pyfcm_client(
-    service_account_file: str, project_id: str, endpoint: str, refresh_margin: float
-) -> Any:
-    from pyfcm import FCMNotification
-
-    class OneRequestFCM(FCMNotification):  # type: ignore[misc]
-        """pyfcm's client sending exactly one request per call.
-
-        pyfcm 2.1's send_request sleeps on Retry-After and calls itself again, retries
-        502/503 in its urllib3 adapter, and refreshes the token on a timer: all of it
-        is replaced here; the payload is still built by pyfcm's parse_payload.
-        """
-
-        def __init__(self) -> None:
-            self._adapter = requests.adapters.HTTPAdapter(max_retries=0)
-            super().__init__(
-                service_account_file=service_account_file,
-                project_id=project_id,
-                adapter=self._adapter,
-            )
-            self._fcm_end_point = fcm_url(endpoint, project_id)
-            self._token_lock = threading.Lock()
-            self._sessions: list[requests.Session] = []
-            self.force_refresh = False
-
-        def load(self) -> None:
-            with self._token_lock:
-                if self.credentials is None:
-                    # google-auth's from_service_account_file: token_uri from the file.
-                    self._initialize_credentials()
-
-        def access_token(self) -> str:
-            self.load()
-            with self._token_lock:
-                if _needs_refresh(self.credentials, refresh_margin, self.force_refresh):
-                    self.credentials.refresh(
-                        google.auth.transport.requests.Request(session=self._session())
-                    )
-                    self.force_refresh = False
-                return str(self.credentials.token)
-
-        def _session(self) -> requests.Session:
-            session = getattr(self.thread_local, "one_request_session", None)
-            if session is None:
-                session = requests.Session()
-                session.mount("http://", self._adapter)
-                session.mount("https://", self._adapter)
-                self.thread_local.one_request_session = session
-                self._sessions.append(session)
-            return session
-
-        def send_request(self, payload: Any = None, timeout: Any = None) -> requests.Response:
-            headers = {
-                "Content-Type": "application/json",
-                "Authorization": "Bearer " + self.access_token(),
-            }
-            return self._session().post(
-                self.fcm_end_point, data=payload, headers=headers, timeout=timeout
-            )
-
-        def close(self) -> None:
-            for session in self._sessions:
-                session.close()
-            self._adapter.close()
-
-    return OneRequestFCM()
-
-
-class PyFcmSender:
-    """Sends with pyfcm 2.1 (blocking, requests) in the executor, one request per attempt."""
-
-    def __init__(
-        self,
-        service_account_file: str,
-        project_id: str,
-        endpoint: str,
-        attempt_timeout: float,
-        executor: Executor,
-        *,
-        clock: Clock | None = None,
-        refresh_margin: float = REFRESH_MARGIN,
-    ) -> None:
-        self._executor = executor
-        self._attempt_timeout = attempt_timeout
-        self._clock: Clock = clock or SystemClock()
-        self._client = _make_pyfcm_client(
-            service_account_file, project_id, endpoint, refresh_margin
-        )
-
-    async def start(self) -> None:
-        """Read the key (in the executor; no network); raises if it is missing or bad."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._client.load)
-
-    async def check(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._client.access_token),
-                self._attempt_timeout,
-            )
-        except TimeoutError:
-            raise RuntimeError(
-                f"no access token within {self._attempt_timeout:g} s from the token endpoint"
-            ) from None
-        except Exception as exc:
-            raise RuntimeError(f"could not get an access token: {exc}") from exc
-
-    async def send(
-        self, token: str, data: dict[str, str], collapse_key: str, ttl_seconds: int
-    ) -> SendOutcome:
-        loop = asyncio.get_running_loop()
-        attempt = loop.run_in_executor(
-            self._executor, self._send_blocking, token, data, collapse_key, ttl_seconds
-        )
-        try:
-            return await asyncio.wait_for(attempt, self._attempt_timeout)
-        except TimeoutError:
-            return _timeout_outcome(self._attempt_timeout)
-
-    def _send_blocking(
-        self, token: str, data: dict[str, str], collapse_key: str, ttl_seconds: int
-    ) -> SendOutcome:
-        from pyfcm.errors import InvalidDataError
-
-        try:
-            payload = self._client.parse_payload(
-                fcm_token=token,
-                data_payload=data,
-                android_config={
-                    "priority": "high",
-                    "collapse_key": collapse_key,
-                    "ttl": f"{ttl_seconds}s",
-                },
-            )
-        except (InvalidDataError, TypeError, ValueError) as exc:
-            return SendOutcome("fatal", error=shorten(str(exc), token))
-        try:
-            response = self._client.send_request(payload, timeout=self._attempt_timeout)
-        except (
-            google.auth.exceptions.GoogleAuthError,
-            requests.RequestException,
-            InvalidDataError,  # pyfcm's word for an unreadable key file
-            OSError,
-        ) as exc:
-            return SendOutcome("retry", error=shorten(str(exc), token))
-        outcome = classify(
-            response.status_code,
-            response.content,
-            response.headers.get("Retry-After"),
-            token=token,
-            now=self._clock.now(),
-        )
-        if outcome.status == 401:
-            self._client.force_refresh = True
-        return outcome
-
-    async def close(self) -> None:
-        self._client.close()
-
-
 def make_sender(backend: str, **kwargs: Any) -> FcmSender:
     """The sender for `fcm.backend`: "firebase-admin" (default) or "pyfcm"."""
     if backend == "firebase-admin":
         return FirebaseAdminSender(**kwargs)
     if backend == "pyfcm":
+        from daemon.fcm_pyfcm import PyFcmSender  # pyfcm is loaded only when chosen
+
         return PyFcmSender(**kwargs)
     raise ValueError(f"unknown fcm.backend {backend!r}: use firebase-admin or pyfcm")

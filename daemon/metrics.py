@@ -90,6 +90,7 @@ class DeliveryCounts(Protocol):
     retried: int
     dropped_tokens: int
     held: int
+    expired: int
 
     @property
     def breaker_open(self) -> bool: ...
@@ -105,7 +106,7 @@ class _DeliveryCollector(Collector):
             "Delivery attempts' outcomes (FCM and backend), by outcome.",
             labels=["outcome"],
         )
-        for outcome in ("sent", "failed", "retried", "held"):
+        for outcome in ("sent", "failed", "retried", "held", "expired"):
             outcomes.add_metric([outcome], getattr(self.worker, outcome))
         yield outcomes
         yield CounterMetricFamily(
@@ -115,7 +116,8 @@ class _DeliveryCollector(Collector):
         )
         yield GaugeMetricFamily(
             "mrm_push_fcm_mismatch_breaker_open",
-            "1 while the SENDER_ID_MISMATCH breaker holds FCM deliveries.",
+            "1 while FCM deliveries are held: the SENDER_ID_MISMATCH breaker, or FCM refusing "
+            "the project (403/404 without an errorCode); /readyz says which.",
             value=1 if self.worker.breaker_open else 0,
         )
 

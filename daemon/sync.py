@@ -73,12 +73,17 @@ class Syncer:
         clock: Clock,
         config: Config,
         on_published: Callable[[Notification], None],
+        *,
+        fcm: bool = True,
     ) -> None:
         self.store = store
         self.google = google
         self.clock = clock
         self.config = config
         self.on_published = on_published
+        # Without an FCM sender (fcm.service_account_file unset) no FCM delivery is made: it
+        # could never be sent, and would only wait in the outbox until retention expired it.
+        self.fcm = fcm
         self._locks: dict[str, asyncio.Lock] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
@@ -322,7 +327,7 @@ class Syncer:
         )
 
     def _targets(self, room: Room) -> list[Target]:
-        targets = [Target("fcm", token) for token in room.firebase_tokens]
+        targets = [Target("fcm", token) for token in room.firebase_tokens] if self.fcm else []
         backend = self.config.backend
         if backend.notify and backend.url:
             targets.append(Target("backend"))

@@ -22,9 +22,10 @@ NotificationState = Literal["received", "published", "skipped"]
 
 TargetKind = Literal["fcm", "backend"]
 # pending: waiting for its next attempt; in_flight: claimed by a worker (its lease says until
-# when); sent; failed (gave up, last_error says why); cancelled (room deleted or token dropped).
-DeliveryState = Literal["pending", "in_flight", "sent", "failed", "cancelled"]
-FINAL_DELIVERY_STATES: frozenset[str] = frozenset({"sent", "failed", "cancelled"})
+# when); sent; failed (gave up, last_error says why); expired (still not final after
+# storage.retention_days); cancelled (room deleted or token gone).
+DeliveryState = Literal["pending", "in_flight", "sent", "failed", "expired", "cancelled"]
+FINAL_DELIVERY_STATES: frozenset[str] = frozenset({"sent", "failed", "expired", "cancelled"})
 
 
 class StoreError(Exception):
@@ -159,7 +160,8 @@ class Store(Protocol):
     ) -> tuple[Room, bool]:
         """Create or update; returns (room, created). `name` None keeps the name ("" for a new
         room); `firebase_tokens` None keeps the token set, a list replaces it (order kept,
-        duplicates dropped) and clears the tombstones of the tokens it names."""
+        duplicates dropped), clears the tombstones of the tokens it names and cancels the
+        non-final deliveries of the tokens it leaves out."""
 
     async def add_tokens(
         self, calendar_id: str, tokens: list[str], now: float, *, respect_tombstones: bool
@@ -169,7 +171,8 @@ class Store(Protocol):
         not added; without it, its tombstone is cleared and it is added."""
 
     async def remove_token(self, calendar_id: str, token: str, now: float) -> bool:
-        """Remove a token; False when the room or the token is not there."""
+        """Remove a token and cancel its non-final deliveries to this room; False when the room
+        or the token is not there."""
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
         """Drop a token FCM refused, remembering it until `until`; cancels its pending
@@ -291,8 +294,10 @@ class Store(Protocol):
 
     async def purge_notifications(self, published_before: float, received_before: float) -> int:
         """Drop published notifications published before `published_before` whose deliveries
-        are all final, and unpublished ones received before `received_before` (never a
-        `received` one); remember the highest seq dropped. Returns how many went."""
+        are all final and were last changed before it too (a delivery that expired or failed
+        late keeps its notification visible a while), and unpublished ones received before
+        `received_before` (never a `received` one); remember the highest seq dropped. Returns
+        how many went."""
 
     async def purged_through_seq(self) -> int:
         """The highest seq a purge has dropped (0 when none): a replay from `after` is complete
@@ -320,13 +325,19 @@ class Store(Protocol):
         last_error: str | None = None,
     ) -> Delivery | None:
         """Record an outcome: `sent`, `failed`, `cancelled`, or `pending` again with its next
-        attempt time. A delivery that was cancelled meanwhile stays cancelled. Returns it."""
+        attempt time. A delivery that was cancelled or expired meanwhile stays so. Returns it."""
 
     async def cancel_deliveries(self, calendar_id: str, token: str | None = None) -> int:
         """Cancel the non-final deliveries of a calendar (only those to `token` when given)."""
 
-    async def next_delivery_due(self) -> float | None:
+    async def expire_deliveries(self, created_before: float, now: float) -> int:
+        """Retention: deliveries made before `created_before` that are still pending, or
+        in_flight with a lease ended by `now` (a live attempt ends on its own), become
+        `expired` (final), so that their notification can be purged. Returns how many."""
+
+    async def next_delivery_due(self, kind: TargetKind | None = None) -> float | None:
         """The earliest next_attempt_at of a pending delivery (lease end for in_flight ones),
-        None when nothing waits: lets the worker sleep exactly until then."""
+        only of `kind` when given; None when nothing waits: lets the worker sleep exactly
+        until then."""
 
     async def count_deliveries(self, state: DeliveryState | None = None) -> int: ...

@@ -349,6 +349,9 @@ class MongoStore:
 
         async with self._op() as db:
             before, after, _ = await self._change_room(db, calendar_id, change)
+            if before is not None and tokens is not None:
+                dropped = set(before["tokens"]) - set(tokens)
+                await self._cancel_token_deliveries(db, calendar_id, sorted(dropped), now)
         assert after is not None  # change() always writes
         return _room(after), before is None
 
@@ -389,7 +392,28 @@ class MongoStore:
 
         async with self._op() as db:
             _, _, written = await self._change_room(db, calendar_id, change)
+            await self._cancel_token_deliveries(db, calendar_id, [token], now)
         return written
+
+    @staticmethod
+    async def _cancel_token_deliveries(
+        db: Any, calendar_id: str, tokens: list[str], now: float
+    ) -> None:
+        """A token that left a room takes its non-final deliveries with it (contract 2). Not
+        atomic with the room write (no transactions here): a crash in between leaves them to
+        be sent, as if the token had left a moment later."""
+        if tokens:
+            await db.deliveries.update_many(
+                {
+                    "calendar_id": calendar_id,
+                    "target_token": {"$in": tokens},
+                    "state": {"$in": _NON_FINAL},
+                },
+                {
+                    "$set": {"state": "cancelled", "lease_until": None, "updated_at": now},
+                    "$unset": {"due": ""},
+                },
+            )
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
         was_in = False
@@ -787,7 +811,10 @@ class MongoStore:
                     "notification_id",
                     {
                         "notification_id": {"$in": list(candidates)},
-                        "state": {"$nin": ["sent", "failed", "cancelled"]},
+                        "$or": [
+                            {"state": {"$in": _NON_FINAL}},
+                            {"updated_at": {"$gte": published_before}},
+                        ],
                     },
                 )
                 for nid in busy:
@@ -922,9 +949,9 @@ class MongoStore:
                 changes["due"] = next_attempt_at
             elif state != "in_flight":
                 update["$unset"] = {"due": ""}
-            # A delivery cancelled meanwhile stays cancelled.
+            # A delivery cancelled or expired meanwhile stays so.
             doc = await db.deliveries.find_one_and_update(
-                {"_id": delivery_id, "state": {"$ne": "cancelled"}},
+                {"_id": delivery_id, "state": {"$nin": ["cancelled", "expired"]}},
                 update,
                 return_document=ReturnDocument.AFTER,
             )
@@ -942,11 +969,30 @@ class MongoStore:
             )
         return int(result.modified_count)
 
-    async def next_delivery_due(self) -> float | None:
+    async def expire_deliveries(self, created_before: float, now: float) -> int:
         async with self._op() as db:
-            cursor = db.deliveries.find(
-                {"state": {"$in": _NON_FINAL}, "held": {"$exists": False}}, {"due": 1}
+            result = await db.deliveries.update_many(
+                {
+                    "created_at": {"$lt": created_before},
+                    "held": {"$exists": False},
+                    "$or": [
+                        {"state": "pending"},
+                        {"state": "in_flight", "lease_until": {"$lte": now}},
+                    ],
+                },
+                {
+                    "$set": {"state": "expired", "lease_until": None, "updated_at": now},
+                    "$unset": {"due": ""},
+                },
             )
+        return int(result.modified_count)
+
+    async def next_delivery_due(self, kind: TargetKind | None = None) -> float | None:
+        filt: Doc = {"state": {"$in": _NON_FINAL}, "held": {"$exists": False}}
+        if kind is not None:
+            filt["target_kind"] = kind
+        async with self._op() as db:
+            cursor = db.deliveries.find(filt, {"due": 1})
             docs = await cursor.sort([("due", 1)]).limit(1).to_list(None)
         return float(docs[0]["due"]) if docs else None
 

@@ -235,6 +235,19 @@ async def _one(db: aiosqlite.Connection, sql: str, params: Params = ()) -> sqlit
     return rows[0] if rows else None
 
 
+async def _cancel_token_deliveries(
+    db: aiosqlite.Connection, calendar_id: str, tokens: list[str], now: float
+) -> None:
+    """A token that left a room takes its non-final deliveries with it (contract 2)."""
+    if tokens:
+        await db.execute(
+            "UPDATE deliveries SET state = 'cancelled', lease_until = NULL, updated_at = ?"
+            " WHERE calendar_id = ? AND state IN ('pending', 'in_flight')"
+            " AND target_token IN (SELECT value FROM json_each(?))",
+            (now, calendar_id, json.dumps(tokens)),
+        )
+
+
 async def _with_deliveries(db: aiosqlite.Connection, rows: list[sqlite3.Row]) -> list[Notification]:
     if not rows:
         return []
@@ -431,6 +444,9 @@ class SqliteStore:
                     "DELETE FROM tombstones WHERE calendar_id = ? AND token = ?",
                     [(calendar_id, token) for token in tokens],
                 )
+            if old is not None and tokens is not None:
+                dropped = set(json.loads(old["firebase_tokens"])) - set(tokens)
+                await _cancel_token_deliveries(db, calendar_id, sorted(dropped), now)
             row = await _one(db, "SELECT * FROM rooms WHERE calendar_id = ?", (calendar_id,))
         assert row is not None
         return _room(row), old is None
@@ -493,7 +509,9 @@ class SqliteStore:
 
     async def remove_token(self, calendar_id: str, token: str, now: float) -> bool:
         async with self._transaction() as db:
-            return await self._drop_token(db, calendar_id, token, now)
+            removed = await self._drop_token(db, calendar_id, token, now)
+            await _cancel_token_deliveries(db, calendar_id, [token], now)
+            return removed
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
         async with self._transaction() as db:
@@ -828,9 +846,10 @@ class SqliteStore:
             rows = await _all(
                 db,
                 "SELECT id, seq FROM notifications AS n WHERE (state = 'published'"
-                " AND published_at < ? AND NOT EXISTS (SELECT 1 FROM deliveries AS d"
-                " WHERE d.notification_id = n.id AND d.state IN ('pending', 'in_flight')))"
-                " OR (state = 'skipped' AND received_at < ?)",
+                " AND published_at < ?1 AND NOT EXISTS (SELECT 1 FROM deliveries AS d"
+                " WHERE d.notification_id = n.id AND (d.state IN ('pending', 'in_flight')"
+                " OR d.updated_at >= ?1)))"
+                " OR (state = 'skipped' AND received_at < ?2)",
                 (published_before, received_before),
             )
             if not rows:
@@ -899,7 +918,7 @@ class SqliteStore:
                 " attempts = coalesce(?, attempts),"
                 " next_attempt_at = coalesce(?, next_attempt_at),"
                 " last_error = coalesce(?, last_error)"
-                " WHERE id = ? AND state != 'cancelled'",
+                " WHERE id = ? AND state NOT IN ('cancelled', 'expired')",
                 (state, now, attempts, next_attempt_at, last_error, delivery_id),
             )
             row = await _one(db, "SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
@@ -918,14 +937,26 @@ class SqliteStore:
             cursor = await db.execute(sql, params)
             return cursor.rowcount
 
-    async def next_delivery_due(self) -> float | None:
+    async def expire_deliveries(self, created_before: float, now: float) -> int:
+        async with self._session() as db:
+            cursor = await db.execute(
+                "UPDATE deliveries SET state = 'expired', lease_until = NULL, updated_at = ?"
+                " WHERE created_at < ? AND (state = 'pending'"
+                " OR (state = 'in_flight' AND lease_until <= ?))",
+                (now, created_before, now),
+            )
+            return cursor.rowcount
+
+    async def next_delivery_due(self, kind: TargetKind | None = None) -> float | None:
         async with self._session() as db:
             # min() as an aggregate skips NULLs: either side may have nothing waiting.
             row = await _one(
                 db,
                 "SELECT min(due) FROM (SELECT min(next_attempt_at) AS due FROM deliveries"
-                " WHERE state = 'pending' UNION ALL SELECT min(lease_until) FROM deliveries"
-                " WHERE state = 'in_flight')",
+                " WHERE state = 'pending' AND (?1 IS NULL OR target_kind = ?1)"
+                " UNION ALL SELECT min(lease_until) FROM deliveries"
+                " WHERE state = 'in_flight' AND (?1 IS NULL OR target_kind = ?1))",
+                (kind,),
             )
         return float(row[0]) if row is not None and row[0] is not None else None
 

@@ -17,10 +17,11 @@ from tornado.web import Application, RequestHandler
 
 from daemon.clock import ManualClock
 from daemon.config import Backend, Config, Fcm
-from daemon.delivery import MISMATCH_WINDOW, NOTIFY_MUTATION, PROBE_INTERVAL, DeliveryWorker
+from daemon.delivery import IDLE_CHECK, NOTIFY_MUTATION, DeliveryWorker
 from daemon.emulator.app import Emulator
 from daemon.emulator.fcm import FcmEmulator
 from daemon.fcm import make_sender
+from daemon.fcm_hold import MISMATCH_WINDOW, PROBE_INTERVAL
 from daemon.fcm_message import DATA_LIMIT, fcm_data
 from storage.base import FINAL_DELIVERY_STATES, Delivery, Notification, Target
 from storage.sqlite import SqliteStore
@@ -51,9 +52,22 @@ def compact(value: Any) -> str:
 # -- fixtures ------------------------------------------------------------------------------
 
 
+class WatchedClock(ManualClock):
+    """A ManualClock that tells the test each time something goes to sleep on it, and until
+    when: the delivery loop's naps show whether it sleeps until its next work or spins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.naps: asyncio.Queue[float] = asyncio.Queue()
+
+    async def sleep(self, seconds: float) -> None:
+        self.naps.put_nowait(self.now() + seconds)
+        await super().sleep(seconds)
+
+
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
+def clock() -> WatchedClock:
+    return WatchedClock()
 
 
 @pytest.fixture
@@ -167,12 +181,12 @@ def make_worker(io_loop, store, clock, emu, executor):
         sender = None
         if kw.pop("with_sender", True):
             sender = make_sender(
-                "firebase-admin",
+                kw.pop("fcm_backend", "firebase-admin"),
                 service_account_file=emu.key_file,
                 project_id=PROJECT,
                 endpoint=emu.base_url,
                 attempt_timeout=5.0,
-                executor=executor,
+                executor=kw.pop("executor", executor),
                 clock=clock,
             )
             senders.append(sender)
@@ -555,27 +569,35 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     with pytest.raises(RuntimeError, match="SENDER_ID_MISMATCH breaker open"):
         await worker.check()
 
-    # While open: FCM deliveries are held without an attempt, no token is dropped.
-    second = await publish(store, clock, (good, bad[6]))
+    # While open: FCM deliveries wait untouched (not even claimed), no token is dropped.
+    second = await publish(store, clock, (bad[6], good))
     attempts_before = emu.fcm.requests
-    assert await worker.run_once() == 2
+    assert await worker.run_once() == 0
     assert emu.fcm.requests == attempts_before
-    assert await states(store, second) == ["pending", "pending"]
-    assert all(d.attempts == 0 for d in (await store.get_notification(second.id)).deliveries)
+    assert await waiting_untouched(store, second)
     room = await store.get_room(CAL)
     assert kept.target.token in room.firebase_tokens and bad[6] in room.firebase_tokens
     assert len(breaker_log(caplog)) == 1
+    assert await worker.next_due() == opened_at + PROBE_INTERVAL
 
-    # The probe: one delivery tried alone; a mismatch keeps the breaker open.
+    # The probe: one delivery tried alone, the oldest waiting (bad[6]'s); a mismatch keeps the
+    # breaker open and that delivery goes behind the others.
     clock.set(opened_at + PROBE_INTERVAL)
     assert await worker.run_once() == 1
     assert emu.fcm.requests == attempts_before + 1
-    assert emu.fcm.attempts(kept.target.token) == 2  # the oldest held delivery was the probe
+    assert emu.fcm.attempts(bad[6]) == 1
     assert worker.breaker_open and worker.dropped_tokens == 5
     probed_at = clock.now()
-    assert await worker.run_once() == 2  # the others: held until the next probe
+    probed = await delivery(store, second, bad[6])
+    assert (probed.state, probed.attempts) == ("pending", 0)
+    assert probed.next_attempt_at == probed_at + PROBE_INTERVAL
+    assert probed.last_error.startswith("held: SENDER_ID_MISMATCH breaker open; probe: ")
+    assert await worker.run_once() == 0  # the others: still untouched until the next probe
     assert emu.fcm.requests == attempts_before + 1
-    assert await store.next_delivery_due() == probed_at + PROBE_INTERVAL
+    assert (await delivery(store, second, good)).updated_at == second.published_at
+    assert await worker.next_due() == probed_at + PROBE_INTERVAL
+    with pytest.raises(RuntimeError, match="last probe: SENDER_ID_MISMATCH"):
+        await worker.check()
 
     # FCM accepts again (the project was put right): the next probe is sent and closes it.
     for token in bad:
@@ -590,6 +612,89 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     assert await store.count_deliveries("pending") == 0
     assert len(await store.tombstoned_tokens(CAL, clock.now())) == 5
     assert len(breaker_log(caplog)) == 1
+
+
+async def waiting_untouched(store, notification: Notification) -> bool:
+    """Every delivery of the notification is still as publishing made it."""
+    stored = await store.get_notification(notification.id)
+    return all(
+        (d.state, d.attempts, d.updated_at, d.next_attempt_at, d.last_error)
+        == ("pending", 0, notification.published_at, notification.published_at, None)
+        for d in stored.deliveries
+    )
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_while_held_the_loop_sleeps_until_the_probe_and_rewrites_nothing(
+    store, clock, emu, make_worker
+):
+    worker = make_worker()
+    bad = [tok(f"x{i}") for i in range(6)]
+    waiting_tokens = [tok(f"w{i}") for i in range(50)]
+    for token in bad + waiting_tokens:
+        emu.fcm.set_state(token, "sender_id_mismatch")  # the project is wrong for all of them
+    await publish(store, clock, bad)
+    assert await worker.run_once() == 6 and worker.breaker_open
+    probe_at = clock.now() + PROBE_INTERVAL
+    waiting = [await publish(store, clock, (token,)) for token in waiting_tokens]
+    requests = emu.fcm.requests
+
+    runner = asyncio.ensure_future(worker.run())
+    assert await asyncio.wait_for(clock.naps.get(), 5) == pytest.approx(probe_at)  # no spin
+    clock.advance(PROBE_INTERVAL / 2)  # a publication meanwhile wakes it: the same nap again
+    late = await publish(store, clock, (tok("late"),))
+    worker.wake()
+    assert await asyncio.wait_for(clock.naps.get(), 5) == pytest.approx(probe_at)
+    assert emu.fcm.requests == requests
+    assert all([await waiting_untouched(store, n) for n in [*waiting, late]])
+
+    # At the probe time, one request (the oldest waiting delivery); it mismatches again, and
+    # the loop sleeps until the next probe.
+    clock.set(probe_at)
+    await emu.fcm.wait_for_attempts(waiting_tokens[0], 1)
+    await worker.drain(5)
+    naps = [await asyncio.wait_for(clock.naps.get(), 5)]
+    while naps[-1] != pytest.approx(probe_at + PROBE_INTERVAL):
+        assert len(naps) < 5, naps  # the probe's answer may come before or after one nap
+        naps.append(await asyncio.wait_for(clock.naps.get(), 5))
+    assert emu.fcm.requests == requests + 1
+    assert all([await waiting_untouched(store, n) for n in [*waiting[1:], late]])
+    await worker.stop(5)
+    assert runner.done() and runner.exception() is None
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_404_without_an_error_code_holds_fcm_and_drops_no_token(
+    store, clock, emu, make_worker, caplog
+):
+    worker = make_worker()
+    await store.put_room(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
+    emu.fcm.fail(None, 404, count=2)  # a wrong endpoint: Google's front end, HTML
+    first = await publish(store, clock, (TOKEN, TOKEN_B))
+    opened_at = clock.now()
+    assert await worker.run_once() == 2
+    assert worker.breaker_open and worker.dropped_tokens == 0 and worker.failed == 0
+    stored = await store.get_notification(first.id)
+    assert [(d.state, d.attempts) for d in stored.deliveries] == [("pending", 0)] * 2
+    assert all(d.next_attempt_at == opened_at + PROBE_INTERVAL for d in stored.deliveries)
+    assert all("check fcm.endpoint" in d.last_error for d in stored.deliveries)
+    assert (await store.get_room(CAL)).firebase_tokens == (TOKEN, TOKEN_B)
+    with pytest.raises(RuntimeError, match=r"FCM refused the project since .*HTTP 404"):
+        await worker.check()
+    opened = [r for r in caplog.records if r.getMessage() == "fcm_project_refused_hold_open"]
+    assert len(opened) == 1
+
+    # The oldest waiting delivery cannot even be tried (no token): another probe goes at once.
+    untriable = await publish(store, clock, (None,))
+    clock.advance(PROBE_INTERVAL)
+    assert await worker.run_once() == 1
+    assert (await delivery(store, untriable)).state == "failed"
+    assert worker.breaker_open and not worker.hold.probing
+    assert await worker.run_once() == 1  # the probe proper: FCM answers again, the hold closes
+    assert not worker.breaker_open
+    await run_until_settled(worker, store, clock)
+    assert await states(store, first) == ["sent", "sent"]
+    await worker.check()
 
 
 # -- leases, restarts, stop ------------------------------------------------------------------
@@ -639,6 +744,32 @@ async def test_worker_leases_cover_the_attempt(store, clock, emu, make_worker):
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_the_worker_claims_no_more_pyfcm_attempts_than_there_are_threads(
+    store, clock, emu, make_worker
+):
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        worker = make_worker(fcm_backend="pyfcm", executor=pool)
+        tokens = [tok(f"p{i}") for i in range(5)]
+        emu.fcm.hold_answers()
+        notification = await publish(store, clock, tokens)
+        running = asyncio.ensure_future(worker.run_once())
+        await emu.fcm.wait_for_attempts(tokens[0], 1)
+        await emu.fcm.wait_for_attempts(tokens[1], 1)
+        # The other three stay pending in the store, not claimed to wait for a thread (where
+        # the attempt's guard would run out on them).
+        assert await store.count_deliveries("in_flight") == 2
+        assert await store.count_deliveries("pending") == 3
+        emu.fcm.release()
+        assert await running == 2
+        await run_until_settled(worker, store, clock)
+        assert await states(store, notification) == ["sent"] * 5
+    finally:
+        emu.fcm.release()
+        pool.shutdown(wait=True)
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_run_loop_sends_and_retries_on_the_clock_then_stops(store, clock, emu, make_worker):
     worker = make_worker()
     runner = asyncio.ensure_future(worker.run())
@@ -681,16 +812,41 @@ async def test_stop_leaves_an_unfinished_attempt_for_the_next_start(store, clock
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_without_a_sender_deliveries_are_held_and_unready(store, clock, emu, make_worker):
-    worker = make_worker(with_sender=False)
-    notification = await publish(store, clock)
-    assert await worker.run_once() == 1
-    held = await delivery(store, notification, TOKEN)
-    assert (held.state, held.attempts) == ("pending", 0)
-    assert held.next_attempt_at > clock.now()
-    assert "not configured" in held.last_error
+async def test_without_a_sender_fcm_deliveries_are_left_untouched_and_unready(
+    store, clock, emu, backend, make_worker
+):
+    """FCM deliveries an older version made on a site without FCM: never claimed or rewritten
+    (retention expires them); backend deliveries still go, and the loop does not spin."""
+    worker = make_worker(with_sender=False, backend=backend_settings(backend))
+    notification = await publish(store, clock, (TOKEN, TOKEN_B), notify=True)
+    assert await worker.run_once() == 1  # the backend's
+    stored = await store.get_notification(notification.id)
+    assert sorted(d.state for d in stored.deliveries) == ["pending", "pending", "sent"]
+    assert all(
+        (d.updated_at, d.attempts, d.last_error) == (notification.published_at, 0, None)
+        for d in stored.deliveries
+        if d.target.kind == "fcm"
+    )
+    assert await worker.next_due() is None
+    runner = asyncio.ensure_future(worker.run())
+    assert await asyncio.wait_for(clock.naps.get(), 5) == clock.now() + IDLE_CHECK
+    await worker.stop(5)
+    assert runner.done() and runner.exception() is None
+    assert emu.fcm.requests == 0
     with pytest.raises(RuntimeError, match="not configured"):
         await worker.check()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_retention_expires_what_never_became_final(store, clock, emu, make_worker):
+    worker = make_worker(with_sender=False)
+    old = await publish(store, clock)
+    clock.advance(DAY)
+    recent = await publish(store, clock)
+    assert await worker.expire(clock.now() - DAY / 2) == 1
+    assert (await delivery(store, old, TOKEN)).state == "expired"
+    assert (await delivery(store, recent, TOKEN)).state == "pending"
+    assert worker.expired == 1
 
 
 # -- backend notify ----------------------------------------------------------------------

@@ -20,13 +20,13 @@ from daemon.emulator.keys import write_service_account
 from daemon.emulator.oauth import OAuthEmulator
 from daemon.fcm import (
     FirebaseAdminSender,
-    PyFcmSender,
     SendOutcome,
     classify,
     make_sender,
     parse_retry_after,
     shorten,
 )
+from daemon.fcm_pyfcm import PyFcmSender
 
 PROJECT = "mrm-push-test"
 TOKEN = "dGVzdC10YWJsZXQ:APA91bFakeTokenForTheEmulator_0123456789"
@@ -107,7 +107,7 @@ def senders(io_loop, executor, start_emulator):
             project_id=project or emulator.project,
             endpoint=endpoint or emulator.base_url,
             attempt_timeout=attempt_timeout,
-            executor=executor,
+            executor=extra.pop("executor", executor),
             **extra,
         )
         made.append(sender)
@@ -235,10 +235,35 @@ async def test_other_400_is_fatal_with_fcms_message(backend, emu, senders):
 
 
 @pytest.mark.gen_test(timeout=15)
-async def test_wrong_project_is_fatal_not_a_token_drop(backend, emu, senders):
+async def test_wrong_project_is_a_project_refusal_not_a_token_drop(backend, emu, senders):
     outcome = await send(senders(backend, emu, project="not-our-project"))
-    assert (outcome.kind, outcome.status) == ("fatal", 403)
+    assert (outcome.kind, outcome.status, outcome.code) == (
+        "project_refused",
+        403,
+        "PERMISSION_DENIED",
+    )
     assert "cloudmessaging.messages.create" in (outcome.error or "")
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_fcm_api_disabled_is_a_project_refusal_with_fcms_message(backend, emu, senders):
+    emu.fcm.fail(None, 403)
+    outcome = await send(senders(backend, emu))
+    assert (outcome.kind, outcome.status, outcome.code) == (
+        "project_refused",
+        403,
+        "PERMISSION_DENIED",
+    )
+    assert (outcome.error or "").startswith("Firebase Cloud Messaging API has not been used")
+    assert emu.fcm.attempts(TOKEN) == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_an_unknown_endpoint_is_a_project_refusal(backend, emu, senders):
+    emu.fcm.fail(None, 404)  # Google's front end: an HTML page, no FCM error at all
+    outcome = await send(senders(backend, emu))
+    assert (outcome.kind, outcome.status, outcome.code) == ("project_refused", 404, None)
+    assert "fcm.endpoint" in (outcome.error or "")
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -367,6 +392,98 @@ async def test_two_senders_in_one_process_keep_their_own_apps(backend, start_emu
     assert len(first.fcm.messages(TOKEN)) == 1
 
 
+# -- pyfcm's threads ---------------------------------------------------------------
+
+
+@pytest.fixture
+def pools(io_loop, start_emulator):
+    """Small thread pools for one sender each; shut down after the test (after the senders,
+    which a later fixture closes first: the FCM and OAuth holds are released here too)."""
+    made: list[ThreadPoolExecutor] = []
+
+    def make(threads: int) -> ThreadPoolExecutor:
+        pool = ThreadPoolExecutor(threads)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.shutdown(wait=True)
+
+
+async def idle(pool: ThreadPoolExecutor) -> None:
+    """Return once every job handed to this one-thread pool so far has ended (FIFO)."""
+    await asyncio.get_running_loop().run_in_executor(pool, lambda: None)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_pyfcm_attempts_queued_for_a_thread_are_not_timed_meanwhile(emu, senders, pools):
+    """Four attempts, two threads, FCM holding its answers past attempt_timeout: the first two
+    time out on their own requests; the other two, which waited for a thread all that time,
+    are sent and answered in full, not given up unsent."""
+    sender = senders("pyfcm", emu, attempt_timeout=1.0, executor=pools(2))
+    await sender.check()  # the token first: the threads only send
+    emu.fcm.hold_answers()
+    tokens = [f"{TOKEN}-{i}" for i in range(4)]
+    sends = [asyncio.ensure_future(sender.send(t, DATA, CALENDAR, 3600)) for t in tokens]
+    try:
+        first = await asyncio.gather(*sends[:2])
+        assert [o.kind for o in first] == ["retry", "retry"]
+        assert all("timed out" in (o.error or "") for o in first), first
+        for token in tokens[2:]:
+            await emu.fcm.wait_for_attempts(token, 1)
+        emu.fcm.release()
+        later = await asyncio.gather(*sends[2:])
+        assert [o.kind for o in later] == ["sent", "sent"], later
+    finally:
+        emu.fcm.release()
+    assert emu.fcm.requests == 4
+    assert sender.max_in_flight == 2  # what the worker claims at once for this sender
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_pyfcm_never_sends_for_an_attempt_given_up(start_emulator, senders, pools):
+    """The worker gives up on an attempt (its guard, or a stop) while the thread still fetches
+    the token: the thread must not send it afterwards (that would be a duplicate of the
+    attempt the worker makes next)."""
+    emu = start_emulator()
+    pool = pools(1)
+    sender = senders("pyfcm", emu, executor=pool)  # no check(): the send fetches the token
+    emu.oauth.hold()
+    try:
+        sending = asyncio.ensure_future(sender.send(TOKEN, DATA, CALENDAR, 3600))
+        await emu.oauth.wait_held(1)  # the thread is inside the token request
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+    finally:
+        emu.oauth.release()
+    await idle(pool)
+    assert emu.fcm.attempts(TOKEN) == 0
+    # Its thread came back: the next attempt goes as usual.
+    assert (await sender.send(TOKEN, DATA, CALENDAR, 3600)).kind == "sent"
+    assert emu.fcm.attempts(TOKEN) == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_pyfcm_token_refresh_is_bounded_and_never_followed_by_a_late_send(
+    start_emulator, senders, pools
+):
+    """The token endpoint hangs: the attempt ends as a retry within attempt_timeout, and the
+    thread does not send once the token comes after all."""
+    emu = start_emulator()
+    pool = pools(1)
+    sender = senders("pyfcm", emu, attempt_timeout=0.3, executor=pool)
+    emu.oauth.hold()
+    try:
+        outcome = await send(sender)
+        assert outcome.kind == "retry", outcome
+    finally:
+        emu.oauth.release()
+    await idle(pool)
+    assert emu.fcm.attempts(TOKEN) == 0
+
+
 # -- classification without HTTP -----------------------------------------------------
 
 
@@ -376,11 +493,48 @@ def error_body(code, status, message, *details):
     )
 
 
+FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+
+
 def test_only_fcms_error_code_drops_a_token():
-    # A bare 404 or 403 (a proxy, a wrong path) must not wipe tablets.
-    assert classify(404, "<html>Not Found</html>", None, token=TOKEN, now=0).kind == "fatal"
+    # A bare 404 or 403 (a proxy, a wrong path, the API disabled) must not wipe tablets: it
+    # holds FCM deliveries instead (pyfcm's path: classify() sees the raw answer).
+    html_404 = classify(404, "<html>Not Found</html>", None, token=TOKEN, now=0)
+    assert (html_404.kind, html_404.status, html_404.code) == ("project_refused", 404, None)
+    assert "fcm.endpoint" in (html_404.error or "")
     bare_403 = error_body(403, "PERMISSION_DENIED", "The caller does not have permission")
-    assert classify(403, bare_403, None, token=TOKEN, now=0).kind == "fatal"
+    assert classify(403, bare_403, None, token=TOKEN, now=0) == SendOutcome(
+        "project_refused",
+        error="The caller does not have permission",
+        status=403,
+        code="PERMISSION_DENIED",
+    )
+    disabled = error_body(
+        403,
+        "PERMISSION_DENIED",
+        "Firebase Cloud Messaging API has not been used in project 1234 before",
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"},
+    )
+    assert classify(403, disabled, None, token=TOKEN, now=0).kind == "project_refused"
+    json_404 = error_body(404, "NOT_FOUND", "Requested entity was not found.")
+    assert classify(404, json_404, None, token=TOKEN, now=0).kind == "project_refused"
+    # With FCM's own errorCode they are about the token.
+    unregistered = error_body(
+        404,
+        "NOT_FOUND",
+        "Requested entity was not found.",
+        {"@type": FCM_ERROR, "errorCode": "UNREGISTERED"},
+    )
+    assert classify(404, unregistered, None, token=TOKEN, now=0).kind == "unregistered"
+    mismatch = error_body(
+        403,
+        "PERMISSION_DENIED",
+        "SenderId mismatch",
+        {"@type": FCM_ERROR, "errorCode": "SENDER_ID_MISMATCH"},
+    )
+    assert classify(403, mismatch, None, token=TOKEN, now=0).kind == "sender_mismatch"
+    # Another 4xx without an errorCode is still the message's fault: failed at once.
+    assert classify(413, "too large", None, token=TOKEN, now=0).kind == "fatal"
 
 
 def test_invalid_argument_naming_the_token_field():

@@ -7,6 +7,8 @@ from urllib.parse import quote
 
 import pytest
 
+from daemon.fcm_hold import PROBE_INTERVAL
+from storage.base import Target
 from tests.fixtures import call, clock, emulator, make_service  # noqa: F401
 
 ROOM = "room-1@resource.calendar.google.com"
@@ -150,3 +152,105 @@ async def test_retention_purges_old_notifications(make_service, emulator, clock)
     assert await service.store.purged_through_seq() == 1
     _, page = await call(service, "GET", "/v1/notifications")
     assert page["notifications"] == []
+
+
+# -- FCM refusing the project, FCM not configured, retention ---------------------------------
+
+
+def deliveries_of(page: dict) -> list[dict]:
+    return [d for n in page["notifications"] for d in n["deliveries"]]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_fcm_refusing_the_project_holds_deliveries_until_a_probe_gets_through(
+    make_service, emulator, clock, caplog
+):
+    """403 without an FCM errorCode (the API disabled), through the real firebase-admin: held,
+    not failed; /readyz says why; one probe after 120 s releases them all."""
+    service = await make_service(clock=clock, emulator=emulator)
+    await call(service, "PUT", PATH, {"firebase_tokens": [TABLET, OTHER_TABLET]})
+    await emulator.google.drain()
+    emulator.fcm.fail(None, 403, count=2)  # both first attempts; FCM is fixed after that
+    emulator.google.insert_event(ROOM, summary="Planning")
+    await emulator.fcm.wait_for_attempts(TABLET, 1, 10)
+    await emulator.fcm.wait_for_attempts(OTHER_TABLET, 1, 10)
+    await service.syncer.drain(5)
+    await service.delivery.drain(5)
+
+    _, page = await call(service, "GET", "/v1/notifications")
+    held = deliveries_of(page)
+    assert [(d["state"], d["attempts"]) for d in held] == [("pending", 0), ("pending", 0)]
+    assert all(d["last_error"].startswith("held: FCM refused the project") for d in held)
+    assert await service.store.get_room(ROOM) is not None
+    assert len((await service.store.get_room(ROOM)).firebase_tokens) == 2  # none dropped
+    status, ready = await call(service, "GET", "/readyz", key=None)
+    assert status == 503 and ready["checks"]["storage"] == "ok"
+    fcm = ready["checks"]["fcm"]
+    assert "FCM refused the project" in fcm and "next probe at" in fcm
+    assert "Firebase Cloud Messaging API has not been used in project" in fcm
+    _, metrics = await call(service, "GET", "/metrics")
+    assert "mrm_push_fcm_mismatch_breaker_open 1.0" in metrics
+    opened = [r for r in caplog.records if r.getMessage() == "fcm_project_refused_hold_open"]
+    assert len(opened) == 1 and opened[0].levelname == "ERROR"
+    assert await service.delivery.run_once() == 0  # nothing is tried before the probe
+
+    clock.advance(PROBE_INTERVAL)
+    await emulator.fcm.wait_for(TABLET, 1, 10)
+    await emulator.fcm.wait_for(OTHER_TABLET, 1, 10)
+    await service.delivery.drain(5)
+    _, page = await call(service, "GET", "/v1/notifications")
+    assert [(d["state"], d["attempts"]) for d in deliveries_of(page)] == [("sent", 1), ("sent", 1)]
+    assert emulator.fcm.attempts(TABLET) + emulator.fcm.attempts(OTHER_TABLET) == 4
+    status, ready = await call(service, "GET", "/readyz", key=None)
+    assert (status, ready["checks"]["fcm"]) == (200, "ok")
+
+
+NO_FCM = {"fcm": {"service_account_file": None}}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_without_fcm_configured_no_fcm_delivery_is_made(
+    make_service, emulator, clock, caplog
+):
+    service = await make_service(NO_FCM, clock=clock, emulator=emulator)
+    await call(service, "PUT", PATH, {"firebase_tokens": [TABLET, OTHER_TABLET]})
+    await emulator.google.drain()
+    emulator.google.insert_event(ROOM, summary="Standup")
+    await emulator.google.drain()
+    await service.syncer.drain(5)
+    _, page = await call(service, "GET", "/v1/notifications")
+    [notification] = page["notifications"]
+    assert notification["seq"] == 1 and notification["deliveries"] == []
+    assert await service.store.count_deliveries() == 0
+    said = [r for r in caplog.records if r.getMessage() == "fcm_not_configured"]
+    assert len(said) == 1 and "no FCM deliveries are made" in said[0].reason
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_fcm_deliveries_left_by_an_older_version_expire_by_retention(
+    make_service, emulator, clock
+):
+    """A database from before: FCM deliveries made while FCM was not configured. They are not
+    touched, expire after storage.retention_days, stay visible one more period, then go."""
+    service = await make_service(
+        {**NO_FCM, "storage": {"retention_days": 2}}, clock=clock, emulator=emulator
+    )
+    received = await service.store.add_notification(ROOM, "poll", "exists", clock.now())
+    await service.store.publish_notification(
+        received.id, [{"event_id": "ev1"}], False, [Target("fcm", TABLET)], clock.now()
+    )
+    service.delivery.wake()
+    assert await service.delivery.run_once() == 0
+    clock.advance(2 * 86400 + 1)
+    assert await service.purge() == 0
+    _, page = await call(service, "GET", "/v1/notifications")
+    [expired] = deliveries_of(page)
+    assert (expired["state"], expired["attempts"]) == ("expired", 0)
+    _, metrics = await call(service, "GET", "/metrics")
+    assert 'mrm_push_deliveries_total{outcome="expired"} 1.0' in metrics
+    clock.advance(2 * 86400)
+    assert await service.purge() == 0  # expired exactly one period ago: still kept
+    clock.advance(1)
+    assert await service.purge() == 1
+    assert (await call(service, "GET", "/v1/notifications"))[1]["notifications"] == []
+    assert await service.store.count_deliveries() == 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pytest
 
+from storage.base import Target
 from tests.fixtures import call, clock, emulator, make_service  # noqa: F401
 
 ROOM = "room-1@resource.calendar.google.com"
@@ -194,3 +195,61 @@ async def test_an_explicit_add_clears_a_tombstone(make_service, emulator, clock)
     await service.store.tombstone_token(ROOM, TOKEN_B, now + 30 * 86400, now)
     await call(service, "PUT", PATH, {"firebase_tokens": [TOKEN_B]})
     assert await service.store.tombstoned_tokens(ROOM, now) == set()
+
+
+async def publish_for_room(service, clock) -> int:
+    """A change published for ROOM the way the syncer does it (one delivery per token); the
+    worker is woken. Returns the notification id."""
+    room = await service.store.get_room(ROOM)
+    received = await service.store.add_notification(ROOM, "poll", "exists", clock.now())
+    targets = [Target("fcm", token) for token in room.firebase_tokens]
+    await service.store.publish_notification(
+        received.id, [{"event_id": "ev1"}], False, targets, clock.now()
+    )
+    service.delivery.wake()
+    return received.id
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("leaves_by", ["DELETE token", "PUT firebase_tokens", "legacy /token"])
+async def test_a_token_that_leaves_the_room_takes_its_pending_deliveries(
+    make_service, emulator, clock, leaves_by
+):
+    service = await make_service(clock=clock, emulator=emulator)
+    await call(service, "PUT", PATH, {"firebase_tokens": [TOKEN_A, TOKEN_B]})
+    await emulator.google.drain()
+    emulator.fcm.fail(TOKEN_A, 503)  # A's delivery waits for its retry; B's is sent
+    notification_id = await publish_for_room(service, clock)
+    await emulator.fcm.wait_for(TOKEN_B, 1)
+    await emulator.fcm.wait_for_attempts(TOKEN_A, 1)
+    await service.delivery.drain(5)
+    by_token = {
+        d.target.token: d
+        for d in (await service.store.get_notification(notification_id)).deliveries
+    }
+    assert (by_token[TOKEN_A].state, by_token[TOKEN_A].attempts) == ("pending", 1)
+    assert by_token[TOKEN_B].state == "sent"
+
+    if leaves_by == "DELETE token":
+        assert (await call(service, "DELETE", f"{PATH}/tokens/{TOKEN_A}"))[0] == 204
+    elif leaves_by == "PUT firebase_tokens":
+        assert (await call(service, "PUT", PATH, {"firebase_tokens": [TOKEN_B]}))[0] == 200
+    else:
+        query = "?" + urlencode({"calendar_id": ROOM, "firebase_token": TOKEN_B})
+        assert (await call(service, "GET", "/token" + query))[0] == 200
+
+    by_token = {
+        d.target.token: d
+        for d in (await service.store.get_notification(notification_id)).deliveries
+    }
+    assert by_token[TOKEN_A].state == "cancelled"
+    assert by_token[TOKEN_B].state == "sent"
+    _, page = await call(service, "GET", "/v1/notifications?calendar_id=" + quote(ROOM))
+    assert sorted(d["state"] for d in page["notifications"][0]["deliveries"]) == [
+        "cancelled",
+        "sent",
+    ]
+    # Its retry time comes and goes: nothing more is sent to the token that left.
+    clock.set(by_token[TOKEN_A].next_attempt_at + 1)
+    assert await service.delivery.run_once() == 0
+    assert emulator.fcm.attempts(TOKEN_A) == 1

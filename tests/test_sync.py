@@ -68,6 +68,7 @@ class Env:
         *,
         credentials: bool = True,
         on_published: Callable[[Notification], None] | None = None,
+        **options: Any,
     ) -> Syncer:
         syncer = Syncer(
             self.store,
@@ -75,6 +76,7 @@ class Env:
             self.clock,
             Config.model_validate(config or {}),
             on_published or self.published.append,
+            **options,
         )
         self.syncers.append(syncer)
         return syncer
@@ -628,6 +630,23 @@ async def test_targets_are_the_room_tokens_plus_the_backend_when_notify_and_url(
     text = " ".join(str(vars(r)) for r in caplog.records)
     assert "published" in text
     assert not any(token in text for token in TOKENS)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_without_fcm_no_fcm_deliveries_are_made(env):
+    """A WebSocket-only site: the notification is published, the outbox holds no FCM work."""
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    await env.webhook()
+    backend = {"notify": True, "url": "http://127.0.0.1:1/graphql"}
+    published = await env.syncer({"backend": backend}, fcm=False).sync_calendar(CAL)
+    assert published is not None and published.seq == 1
+    assert targets_of(published) == [Target("backend")]
+    env.google.insert_event(CAL, summary="y")
+    await env.webhook()
+    published = await env.syncer(fcm=False).sync_calendar(CAL)
+    assert published is not None and published.deliveries == ()
+    assert await env.store.count_deliveries() == 1
 
 
 @pytest.mark.gen_test(timeout=15)

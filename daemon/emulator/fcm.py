@@ -27,13 +27,32 @@ _DURATION_RE = re.compile(r"^-?\d+(\.\d{1,9})?s$")
 TokenState = Literal["valid", "unregistered", "sender_id_mismatch", "invalid"]
 TOKEN_STATES: tuple[str, ...] = ("valid", "unregistered", "sender_id_mismatch", "invalid")
 
-# status code -> (canonical status, FcmError errorCode, message), as FCM answers them.
-FAILURES: dict[int, tuple[str, str, str]] = {
+ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+
+# status code -> (canonical status, FcmError errorCode, message), as FCM answers them. 403 and
+# 404 come without an errorCode: they are about the project or the endpoint, not a token (the
+# API disabled in the project; a URL Google's front end does not know, answered in HTML).
+FAILURES: dict[int, tuple[str, str | None, str]] = {
     400: ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "Request contains an invalid argument."),
+    403: (
+        "PERMISSION_DENIED",
+        None,
+        "Firebase Cloud Messaging API has not been used in project {project} before or it is "
+        "disabled. Enable it by visiting https://console.developers.google.com/apis/api/"
+        "fcm.googleapis.com/overview?project={project} then retry. If you enabled this API "
+        "recently, wait a few minutes for the action to propagate to our systems and retry.",
+    ),
+    404: ("NOT_FOUND", None, "The requested URL {path} was not found on this server."),
     429: ("RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED", "Quota exceeded for sending messages."),
     500: ("INTERNAL", "INTERNAL", "Internal error encountered."),
     503: ("UNAVAILABLE", "UNAVAILABLE", "The service is currently unavailable."),
 }
+_NOT_FOUND_PAGE = (
+    "<!DOCTYPE html>\n<html lang=en>\n  <meta charset=utf-8>\n"
+    "  <title>Error 404 (Not Found)!!1</title>\n"
+    "  <p><b>404.</b> <ins>That\u2019s an error.</ins>\n"
+    "  <p>{message}  <ins>That\u2019s all we know.</ins>\n"
+)
 
 
 class TokenChecker(Protocol):
@@ -125,6 +144,8 @@ class FcmApiError(Exception):
         error_code: str | None = None,
         field: str | None = None,
         retry_after: float | str | None = None,
+        details: list[dict[str, Any]] | None = None,
+        html: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -133,10 +154,14 @@ class FcmApiError(Exception):
         self.error_code = error_code
         self.field = field
         self.retry_after = retry_after
+        self.details = details
+        self.html = html  # Google's front end, not the API: an HTML page, no JSON at all
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}
-        if self.error_code is not None:
+        if self.details is not None:
+            error["details"] = self.details
+        elif self.error_code is not None:
             error["details"] = [{"@type": FCM_ERROR_TYPE, "errorCode": self.error_code}]
         elif self.field is not None:
             violation = {"field": self.field, "description": self.message}
@@ -264,6 +289,8 @@ class FcmEmulator:
         self._states: dict[str, TokenState] = {}
         self._failures: dict[str | None, deque[_Failure]] = {}
         self._delays: dict[str | None, float] = {}
+        self._holds: set[str | None] = set()
+        self.held = 0  # requests waiting in a hold or delay now
         self._messages: list[dict[str, Any]] = []
         self._attempts: Counter[str] = Counter()
         self._waiters: list[tuple[str, str, int, asyncio.Future[None]]] = []
@@ -292,6 +319,8 @@ class FcmEmulator:
         """Answer the next `count` requests for `token` (None: any token) with this status.
 
         `retry_after` (seconds, or an HTTP date string) is sent as the Retry-After header.
+        403 is FCM's answer for a project whose FCM API is disabled, 404 Google's front end's
+        for an endpoint it does not know (HTML): neither carries an FCM errorCode.
         """
         if status not in FAILURES:
             raise ValueError(f"status {status} is not one of {sorted(FAILURES)}")
@@ -305,9 +334,15 @@ class FcmEmulator:
         else:
             self._delays.pop(token, None)
 
+    def hold_answers(self, token: str | None = None) -> None:
+        """Hold the answers to requests for `token` (None: every token) until release(): no
+        clock, no sleep; the request is counted (attempts) as it arrives."""
+        self._holds.add(token)
+
     def release(self) -> None:
-        """End every delay now, including the requests already held."""
+        """End every hold and delay now, including the requests already held."""
         self._delays.clear()
+        self._holds.clear()
         self._release.set()
         self._release = asyncio.Event()
 
@@ -388,12 +423,16 @@ class FcmEmulator:
 
     async def hold(self, token: str) -> None:
         seconds = self._delays.get(token, self._delays.get(None))
-        if seconds:
+        held = token in self._holds or None in self._holds
+        if seconds or held:
             release = self._release
+            self.held += 1
             try:
-                await asyncio.wait_for(release.wait(), seconds)
+                await asyncio.wait_for(release.wait(), None if held else seconds)
             except TimeoutError:
                 pass
+            finally:
+                self.held -= 1
 
     def send(self, project_id: str, message: dict[str, Any], validate_only: bool) -> str:
         """Decide the answer for a valid message: its name, or raise FcmApiError."""
@@ -401,14 +440,7 @@ class FcmEmulator:
         if token is not None:
             failure = self._next_failure(token)
             if failure is not None:
-                status, error_code, text = FAILURES[failure.status]
-                raise FcmApiError(
-                    failure.status,
-                    status,
-                    failure.message or text,
-                    error_code=error_code,
-                    retry_after=failure.retry_after,
-                )
+                raise _failure_error(failure, project_id)
             state = self._states.get(token)
             if state == "invalid" or _TOKEN_RE.match(token) is None:
                 raise FcmApiError(
@@ -448,9 +480,37 @@ class FcmEmulator:
             (r"/emulator/fcm/tokens", TokensControl, kwargs),
             (r"/emulator/fcm/failures", FailuresControl, kwargs),
             (r"/emulator/fcm/delay", DelayControl, kwargs),
+            (r"/emulator/fcm/hold", HoldControl, kwargs),
             (r"/emulator/fcm/attempts", AttemptsControl, kwargs),
             (r"/emulator/fcm/reset", ResetControl, kwargs),
         ]
+
+
+def _failure_error(failure: _Failure, project_id: str) -> FcmApiError:
+    """The answer a queued failure stands for, shaped as FCM (or Google's front end) sends it."""
+    status, error_code, text = FAILURES[failure.status]
+    path = f"/v1/projects/{project_id}/messages:send"
+    message = failure.message or text.format(project=project_id, path=path)
+    details = None
+    if failure.status == 403:
+        info = {"service": "fcm.googleapis.com", "consumer": f"projects/{project_id}"}
+        details = [
+            {
+                "@type": ERROR_INFO_TYPE,
+                "reason": "SERVICE_DISABLED",
+                "domain": "googleapis.com",
+                "metadata": info,
+            }
+        ]
+    return FcmApiError(
+        failure.status,
+        status,
+        message,
+        error_code=error_code,
+        retry_after=failure.retry_after,
+        details=details,
+        html=failure.status == 404,
+    )
 
 
 class _Base(tornado.web.RequestHandler):
@@ -489,6 +549,10 @@ class SendHandler(_Base):
             self.set_header("Retry-After", str(error.retry_after))
         if error.code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="https://accounts.google.com/"')
+        if error.html:
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            self.finish(_NOT_FOUND_PAGE.format(message=error.message))
+            return
         self.finish(error.body())
 
     async def post(self, project_id: str) -> None:
@@ -627,6 +691,22 @@ class DelayControl(_Base):
         if not seconds:
             self.fcm.release()
         self.finish({"token": token, "seconds": seconds})
+
+
+class HoldControl(_Base):
+    """POST /emulator/fcm/hold {"token"?}: hold answers until released  ·  DELETE: release all"""
+
+    def post(self) -> None:
+        token = self.json_body().get("token")
+        if token is not None and not isinstance(token, str):
+            raise tornado.web.HTTPError(400, "token must be a string")
+        self.fcm.hold_answers(token)
+        self.finish({"token": token, "held": True})
+
+    def delete(self) -> None:
+        self.fcm.release()
+        self.set_status(204)
+        self.finish()
 
 
 class AttemptsControl(_Base):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -69,6 +70,10 @@ class OAuthEmulator:
         self.requests = 0
         # Failure injection: the next N token requests answer this error.
         self._failures: list[OAuthError] = []
+        # A slow token endpoint without a clock: requests wait here until release().
+        self._gate: asyncio.Event | None = None
+        self.held = 0
+        self._arrived = asyncio.Event()
 
     # -- set-up -------------------------------------------------------------
 
@@ -91,6 +96,36 @@ class OAuthEmulator:
     def fail_next(self, count: int, error: str, description: str, status: int = 400) -> None:
         """Answer the next `count` token requests with this error (e.g. 503 server_error)."""
         self._failures.extend(OAuthError(error, description, status) for _ in range(count))
+
+    def hold(self) -> None:
+        """Hold every token answer until release()."""
+        if self._gate is None:
+            self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Answer the held token requests, and hold no more."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    # A timeout argument (ASYNC109) on purpose: a test reads best as one call with its bound.
+    async def wait_held(self, count: int = 1, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait until `count` token requests are being held."""
+        async with asyncio.timeout(timeout):
+            while self.held < count:
+                await self._arrived.wait()
+                self._arrived.clear()
+
+    async def wait_if_held(self) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        self.held += 1
+        self._arrived.set()
+        try:
+            await gate.wait()
+        finally:
+            self.held -= 1
 
     def expire_tokens(self) -> None:
         """Make every issued token invalid: the APIs answer 401, the clients refresh."""
@@ -214,7 +249,8 @@ class TokenHandler(tornado.web.RequestHandler):
     def check_xsrf_cookie(self) -> None:  # an API endpoint, not a browser form
         pass
 
-    def post(self) -> None:
+    async def post(self) -> None:
+        await self.oauth.wait_if_held()
         own_url = f"{self.request.protocol}://{self.request.host}{self.request.path}"
         try:
             found = self.oauth.exchange(

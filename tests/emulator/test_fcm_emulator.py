@@ -378,6 +378,63 @@ async def test_delay_holds_the_answer_until_released(env):
     assert len(env.fcm.messages(TOKEN)) == 1
 
 
+@pytest.mark.gen_test(timeout=10)
+async def test_api_disabled_is_a_403_without_an_fcm_error_code(env):
+    env.fcm.fail(None, 403)
+    status, body, _ = await env.send({"message": message()})
+    assert status == 403
+    error = body["error"]
+    assert (error["code"], error["status"]) == (403, "PERMISSION_DENIED")
+    assert error["message"].startswith(
+        f"Firebase Cloud Messaging API has not been used in project {PROJECT} before"
+    )
+    assert [d["@type"] for d in error["details"]] == ["type.googleapis.com/google.rpc.ErrorInfo"]
+    assert error["details"][0]["reason"] == "SERVICE_DISABLED"
+    assert env.fcm.messages() == []
+    status, _, _ = await env.send({"message": message()})  # one queued failure, then OK
+    assert status == 200
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_wrong_endpoint_is_google_front_ends_html_404(env):
+    env.fcm.fail(TOKEN, 404, count=2)
+    for _ in range(2):
+        response = await env.call(
+            "POST",
+            f"/v1/projects/{PROJECT}/messages:send",
+            {"message": message()},
+            {"Authorization": f"Bearer {await env.access_token()}"},
+        )
+        assert response.code == 404
+        assert response.headers["Content-Type"].startswith("text/html")
+        text = response.body.decode()
+        assert "Error 404 (Not Found)" in text and "messages:send" in text
+    assert env.fcm.attempts(TOKEN) == 2 and env.fcm.messages() == []
+    response = await env.call("POST", "/emulator/fcm/failures", {"status": 404})
+    assert response.code == 200
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_hold_keeps_answers_until_released_without_a_clock(env):
+    env.fcm.hold_answers()
+    sending = [asyncio.ensure_future(env.send({"message": message()})) for _ in range(2)]
+    await env.fcm.wait_for_attempts(TOKEN, 2)
+    await asyncio.sleep(0)  # let the held handlers park, if they were going to answer now
+    assert not any(s.done() for s in sending) and env.fcm.held == 2
+    env.fcm.release()
+    assert [(await s)[0] for s in sending] == [200, 200]
+    assert env.fcm.held == 0 and len(env.fcm.messages(TOKEN)) == 2
+    # Over the control API, for one token.
+    response = await env.call("POST", "/emulator/fcm/hold", {"token": TOKEN})
+    assert response.code == 200
+    status, _, _ = await env.send({"message": message(token="another-token")})
+    assert status == 200
+    sending = [asyncio.ensure_future(env.send({"message": message()}))]
+    await env.fcm.wait_for_attempts(TOKEN, 3)
+    assert (await env.call("DELETE", "/emulator/fcm/hold")).code == 204
+    assert (await sending[0])[0] == 200
+
+
 # -- waiting -------------------------------------------------------------------------
 
 

@@ -165,6 +165,76 @@ async def test_tombstone_cancels_that_tokens_pending_deliveries(store):
     assert states[(n2.id, Target("backend"))] != "cancelled"
 
 
+async def delivery_states(store, *notifications):
+    """{(notification id, target): (state, updated_at)} of the given notifications."""
+    found = {}
+    for n in notifications:
+        for d in (await store.get_notification(n.id)).deliveries:
+            found[(n.id, d.target)] = (d.state, d.updated_at)
+    return found
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_removing_a_token_cancels_its_non_final_deliveries(store):
+    await store.put_room("cal-1", "R", ["t1", "t2"], T0)
+    await store.put_room("cal-2", "S", ["t1"], T0)
+    targets = [Target("fcm", "t1"), Target("fcm", "t2"), Target("backend")]
+    n1 = await publish_new(store, "cal-1", targets, T0)
+    n2 = await publish_new(store, "cal-1", targets, T0)
+    elsewhere = await publish_new(store, "cal-2", [Target("fcm", "t1")], T0)
+    await store.finish_delivery(n1.deliveries[0].id, "sent", T0 + 1)
+    claimed = await store.claim_deliveries(T0 + 1, T0 + 60, limit=1, kind="fcm")
+    assert [d.id for d in claimed] == [n1.deliveries[1].id]  # in_flight is cancelled too
+
+    assert await store.remove_token("cal-1", "t1", T0 + 2)
+
+    states = await delivery_states(store, n1, n2, elsewhere)
+    assert states[(n1.id, Target("fcm", "t1"))] == ("sent", T0 + 1)  # final states stay
+    assert states[(n2.id, Target("fcm", "t1"))] == ("cancelled", T0 + 2)
+    assert states[(n1.id, Target("fcm", "t2"))][0] == "in_flight"
+    assert states[(n2.id, Target("fcm", "t2"))][0] == "pending"
+    assert states[(n2.id, Target("backend"))][0] == "pending"
+    assert states[(elsewhere.id, Target("fcm", "t1"))][0] == "pending"  # another room's
+
+    # Removing it again (not in the set any more) still leaves nothing behind for it.
+    n3 = await publish_new(store, "cal-1", [Target("fcm", "t1")], T0 + 3)
+    assert not await store.remove_token("cal-1", "t1", T0 + 4)
+    assert (await delivery_states(store, n3))[(n3.id, Target("fcm", "t1"))] == (
+        "cancelled",
+        T0 + 4,
+    )
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_put_that_replaces_the_set_cancels_the_deliveries_of_the_tokens_it_drops(store):
+    await store.put_room("cal-1", "R", ["t1", "t2", "t3"], T0)
+    await store.put_room("cal-2", "S", ["t1"], T0)
+    targets = [Target("fcm", "t1"), Target("fcm", "t2"), Target("fcm", "t3"), Target("backend")]
+    n = await publish_new(store, "cal-1", targets, T0)
+    elsewhere = await publish_new(store, "cal-2", [Target("fcm", "t1")], T0)
+    await store.claim_deliveries(T0, T0 + 60, limit=1, kind="fcm")  # t1's, in_flight
+
+    # A name change, or a list naming the same tokens, cancels nothing.
+    await store.put_room("cal-1", "New name", None, T0 + 1)
+    await store.put_room("cal-1", None, ["t3", "t2", "t1"], T0 + 1)
+    assert {s for s, _ in (await delivery_states(store, n)).values()} == {"in_flight", "pending"}
+
+    room, created = await store.put_room("cal-1", None, ["t2", "t4"], T0 + 2)
+    assert not created and room.firebase_tokens == ("t2", "t4")
+    states = await delivery_states(store, n, elsewhere)
+    assert states[(n.id, Target("fcm", "t1"))] == ("cancelled", T0 + 2)
+    assert states[(n.id, Target("fcm", "t3"))] == ("cancelled", T0 + 2)
+    assert states[(n.id, Target("fcm", "t2"))][0] == "pending"
+    assert states[(n.id, Target("backend"))][0] == "pending"
+    assert states[(elsewhere.id, Target("fcm", "t1"))][0] == "pending"
+
+    # An empty list drops every token, and with them every FCM delivery of the room.
+    await store.put_room("cal-1", None, [], T0 + 3)
+    states = await delivery_states(store, n)
+    assert states[(n.id, Target("fcm", "t2"))] == ("cancelled", T0 + 3)
+    assert states[(n.id, Target("backend"))][0] == "pending"
+
+
 @pytest.mark.gen_test(timeout=10)
 async def test_delete_room_forgets_it_and_cancels_its_deliveries(store):
     await store.put_room("cal-1", "R", ["t1", "t2"], T0)

@@ -435,3 +435,64 @@ async def test_count_deliveries(store):
     assert await store.count_deliveries("failed") == 1
     assert await store.count_deliveries("in_flight") == 0
     assert await store.count_deliveries("cancelled") == 0
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_next_delivery_due_by_kind(store):
+    n = await publish_new(store, "cal-1", [FCM1, BACKEND], T0)
+    d_fcm, d_backend = (x.id for x in n.deliveries)
+    await store.finish_delivery(d_fcm, "pending", T0, attempts=1, next_attempt_at=T0 + 20)
+    await store.finish_delivery(d_backend, "pending", T0, attempts=1, next_attempt_at=T0 + 10)
+    assert await store.next_delivery_due() == T0 + 10
+    assert await store.next_delivery_due("backend") == T0 + 10
+    assert await store.next_delivery_due("fcm") == T0 + 20
+    await store.claim_deliveries(T0 + 20, T0 + 25, kind="fcm")  # in flight until T0 + 25
+    assert await store.next_delivery_due("fcm") == T0 + 25
+    await store.finish_delivery(d_backend, "sent", T0 + 21)
+    assert await store.next_delivery_due("backend") is None
+    assert await store.next_delivery_due() == T0 + 25
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_deliveries_not_final_after_retention_expire_and_their_notification_can_go(store):
+    day = 86400.0
+    old = await publish_new(store, "cal-1", [FCM1, FCM2, Target("fcm", "t3"), BACKEND], T0)
+    d_pending, d_lease_over, d_live, d_sent = (x.id for x in old.deliveries)
+    recent = await publish_new(store, "cal-1", [FCM1], T0 + 10 * day)
+    (d_recent,) = (x.id for x in recent.deliveries)
+    await store.finish_delivery(d_sent, "sent", T0 + 1, attempts=1)
+    now = T0 + 14 * day + 1
+    cutoff = now - 14 * day
+    for delivery_id, due in [(d_pending, now + day), (d_lease_over, T0 + 3), (d_live, T0 + 2)]:
+        await store.finish_delivery(delivery_id, "pending", T0, next_attempt_at=due)
+    # FCM2's claim was left by a dead worker long ago; t3's is an attempt going on now.
+    assert [x.id for x in await store.claim_deliveries(T0 + 2, T0 + 62, limit=1)] == [d_live]
+    assert [x.id for x in await store.claim_deliveries(T0 + 3, T0 + 64, limit=1)] == [d_lease_over]
+    (live,) = await store.claim_deliveries(now, now + 60, limit=1)
+    assert live.id == d_live
+
+    assert await store.expire_deliveries(cutoff, now) == 2  # d_pending, d_lease_over
+    by_id = {d.id: d for d in (await store.get_notification(old.id)).deliveries}
+    assert (by_id[d_pending].state, by_id[d_pending].updated_at) == ("expired", now)
+    assert (by_id[d_lease_over].state, by_id[d_lease_over].lease_until) == ("expired", None)
+    assert by_id[d_live].state == "in_flight"  # its attempt ends on its own
+    assert by_id[d_sent].state == "sent"
+    assert (await store.get_notification(recent.id)).deliveries[0].state == "pending"
+    assert await store.count_deliveries("expired") == 2
+    assert await store.next_delivery_due("fcm") == T0 + 10 * day  # recent's
+    assert await store.expire_deliveries(cutoff, now) == 0
+    # An expired delivery stays expired, like a cancelled one, and is never claimed again.
+    again = await store.finish_delivery(d_pending, "pending", now + 1, next_attempt_at=now + 2)
+    assert again.state == "expired"
+    claimed = await store.claim_deliveries(now + day, now + day + 60, limit=10)
+    assert sorted(x.id for x in claimed) == sorted([d_live, d_recent])
+    assert await store.purge_notifications(cutoff, cutoff) == 0  # t3 is still not final
+
+    await store.finish_delivery(d_live, "failed", now + 2, attempts=1, last_error="x")
+    # Every delivery is final now; the expired ones stay visible until a purge whose cutoff
+    # is past their expiry (the next retention period).
+    assert await store.purge_notifications(cutoff, cutoff) == 0
+    assert await store.purge_notifications(now + 2, now + 2) == 0  # t3 failed at now + 2
+    assert await store.purge_notifications(now + 3, now + 3) == 1
+    assert await store.get_notification(old.id) is None
+    assert await store.get_notification(recent.id) is not None
