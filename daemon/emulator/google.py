@@ -412,6 +412,7 @@ class GoogleCalendarEmulator:
                 "id": c.id,
                 "calendar_id": c.calendar_id,
                 "resource_id": c.resource_id,
+                "resource_uri": c.resource_uri,
                 "address": c.address,
                 "token": c.token,
                 "expiration": rfc3339(c.expiration),
@@ -507,7 +508,11 @@ class GoogleCalendarEmulator:
                 403, "insufficientPermissions", "Request had insufficient authentication scopes."
             )
 
-    async def watch(self, calendar_id: str, body: dict[str, Any]) -> tuple[dict[str, Any], Channel]:
+    async def watch(
+        self, calendar_id: str, body: dict[str, Any], query: str = "alt=json"
+    ) -> tuple[dict[str, Any], Channel]:
+        """Google's events.watch; `query` is the request's query string, which Google echoes in
+        the channel's resource URI after the percent-encoded calendar id."""
         calendar = self._calendar(calendar_id)
         channel_id = body.get("id")
         if not isinstance(channel_id, str) or not channel_id:
@@ -546,7 +551,7 @@ class GoogleCalendarEmulator:
             resource_id=calendar.resource_id,
             resource_uri=(
                 f"{self.resource_uri_base}/calendars/"
-                f"{urllib.parse.quote(calendar.id, safe='')}/events?alt=json"
+                f"{urllib.parse.quote(calendar.id, safe='')}/events?{query or 'alt=json'}"
             ),
             address=str(address),
             token=token,
@@ -794,7 +799,7 @@ class WatchHandler(_Base):
                 "watch",
                 calendar_id,
                 self.request.headers.get("Authorization"),
-                lambda: self.google.watch(calendar_id, body),
+                lambda: self.google.watch(calendar_id, body, self.request.query),
             )
         except GoogleApiError as exc:
             self.fail(exc)
@@ -826,6 +831,18 @@ class StopHandler(_Base):
 class EventsHandler(_Base):
     async def get(self, calendar_id: str) -> None:
         args = {name: self.get_query_argument(name) for name in self.request.query_arguments}
+        await self._list(calendar_id, args)
+
+    async def post(self, calendar_id: str) -> None:
+        """A GET whose URI is too long (over 2,048 characters, e.g. a long percent-encoded
+        calendar id) comes as a POST with X-HTTP-Method-Override and the query as a form body,
+        as google-api-python-client sends it and Google takes it."""
+        if self.request.headers.get("X-HTTP-Method-Override", "").upper() != "GET":
+            raise tornado.web.HTTPError(405)
+        args = {name: self.get_body_argument(name) for name in self.request.body_arguments}
+        await self._list(calendar_id, args)
+
+    async def _list(self, calendar_id: str, args: dict[str, str]) -> None:
         try:
             answer = await self.google.call(
                 "list",
