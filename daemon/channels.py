@@ -20,16 +20,15 @@ from daemon.google_calendar import (
     PermanentGoogleError,
     WatchResult,
 )
+from daemon.stops import StopQueue
 from storage.base import Channel, Store
 
 log = logging.getLogger(__name__)
 
 LIVE_STATES = ("pending", "active")
 NO_CREDENTIALS = PermanentGoogleError(0, "noCredentials", "google.service_account_file is not set")
-RETRY_BASE = 5.0  # seconds before the first background retry of a channel or a stop
+RETRY_BASE = 5.0  # seconds before the first background retry of a channel
 RETRY_CAP = 3600.0
-# Stops owed to Google at most; past it, webhook calls for unknown channels queue none (logged).
-MAX_STOP_QUEUE = 10_000
 
 
 def current_of(channels: list[Channel]) -> Channel | None:
@@ -64,8 +63,7 @@ class ChannelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_created = 0.0
-        self._stops_lock = asyncio.Lock()
-        self._stops_kicked = False
+        self.stops = StopQueue(store, google, clock, config, self.spawn)
 
     @property
     def address(self) -> str:
@@ -348,20 +346,11 @@ class ChannelManager:
     async def queue_stop(self, channel_id: str, resource_id: str, calendar_id: str | None) -> bool:
         """Forget the channel and queue its `channels.stop` (retried until done)."""
         await self.store.delete_channel(channel_id)
-        queued = await self.store.enqueue_stop(
-            channel_id, resource_id, calendar_id, self.clock.now()
-        )
-        if queued:
-            self.kick_stops()
-        return queued
+        return await self.stops.queue(channel_id, resource_id, calendar_id)
 
     async def queue_unknown_stop(self, channel_id: str, resource_id: str) -> bool:
-        """A webhook call for a channel we do not know: stop it, unless the queue is full
-        (anyone can post made-up channel ids; the bound keeps them from filling the disk)."""
-        if len(await self.store.due_stops(float("inf"), limit=MAX_STOP_QUEUE)) >= MAX_STOP_QUEUE:
-            log.warning("stop_queue_full", extra={"channel_id": channel_id})
-            return False
-        return await self.queue_stop(channel_id, resource_id, None)
+        """A webhook call for a channel we do not know: queue its stop (see StopQueue)."""
+        return await self.stops.queue_unknown(channel_id, resource_id)
 
     async def forget_calendar(self, calendar_id: str) -> int:
         """The room went: every channel of its calendar is stopped through the stop queue."""
@@ -371,32 +360,7 @@ class ChannelManager:
         return len(channels)
 
     def kick_stops(self) -> None:
-        """Process the stop queue soon; at most one run waits behind the one under way."""
-        if not self._stops_kicked:
-            self._stops_kicked = True
-            self.spawn(self.process_stops())
+        self.stops.kick()
 
     async def process_stops(self) -> int:
-        """Send the due stops; a 404 counts as stopped; other failures are retried later."""
-        async with self._stops_lock:
-            self._stops_kicked = False
-            return await self._process_stops()
-
-    async def _process_stops(self) -> int:
-        if self.google is None:
-            return 0
-        done = 0
-        for stop in await self.store.due_stops(self.clock.now()):
-            try:
-                await self.google.stop(stop.channel_id, stop.resource_id)
-            except GoogleError as error:
-                if error.status != 404:
-                    delay = backoff_delay(stop.attempts + 1, base=RETRY_BASE, cap=RETRY_CAP)
-                    await self.store.reschedule_stop(
-                        stop.channel_id, self.clock.now() + delay, str(error)
-                    )
-                    continue
-            await self.store.remove_stop(stop.channel_id)
-            log.info("channel_stopped", extra={"channel_id": stop.channel_id})
-            done += 1
-        return done
+        return await self.stops.process()

@@ -557,23 +557,17 @@ async def test_an_event_inserted_at_google_is_stored_from_its_webhook(
 
 @pytest.mark.gen_test(timeout=20)
 async def test_the_stop_queue_for_unknown_channels_is_bounded(make_service, emulator, clock):
-    from daemon import channels
-
     service = await make_service(clock=clock, emulator=emulator)
     emulator.google.inject("stop", status=503, count=100)
-    bound = channels.MAX_STOP_QUEUE
-    channels.MAX_STOP_QUEUE = 3
-    try:
-        for number in range(5):
-            headers = {
-                "X-Goog-Channel-ID": f"made-up-{number}",
-                "X-Goog-Message-Number": "7",
-                "X-Goog-Resource-ID": "resource",
-                "X-Goog-Resource-State": "exists",
-            }
-            status, _ = await call(service, "POST", "/notifications", key=None, headers=headers)
-            assert status == 200
-    finally:
-        channels.MAX_STOP_QUEUE = bound
+    service.channels.stops.max_queued = 3
+    for number in range(5):
+        headers = {
+            "X-Goog-Channel-ID": f"made-up-{number}",
+            "X-Goog-Message-Number": "7",
+            "X-Goog-Resource-ID": "resource",
+            "X-Goog-Resource-State": "exists",
+        }
+        status, _ = await call(service, "POST", "/notifications", key=None, headers=headers)
+        assert status == 200
     await service.channels.drain(5)
     assert len(await service.store.list_stops()) == 3
