@@ -7,7 +7,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from daemon.backoff import backoff_delay
@@ -20,12 +20,13 @@ from daemon.google_calendar import (
     PermanentGoogleError,
     WatchResult,
 )
+from daemon.keyed_locks import KeyedLocks
+from daemon.renewal import LIVE_STATES, Renewer, RenewSummary
 from daemon.stops import StopQueue
 from storage.base import Channel, Store
 
 log = logging.getLogger(__name__)
 
-LIVE_STATES = ("pending", "active")
 NO_CREDENTIALS = PermanentGoogleError(0, "noCredentials", "google.service_account_file is not set")
 RETRY_BASE = 5.0  # seconds before the first background retry of a channel
 RETRY_CAP = 3600.0
@@ -41,15 +42,6 @@ def current_of(channels: list[Channel]) -> Channel | None:
     return failed[-1] if failed else None
 
 
-@dataclass
-class RenewSummary:
-    renewed: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"renewed": self.renewed, "failed": self.failed}
-
-
 class ChannelManager:
     """Owns the channel lifecycle; handlers and periodic callbacks call its methods."""
 
@@ -60,10 +52,13 @@ class ChannelManager:
         self.google = google
         self.clock = clock
         self.config = config
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One holder at a time decides a calendar's channels (make, watch, retire, renew, fail,
+        # forget); Google's `sync` webhook never waits for it (it may come mid-watch).
+        self._calendars = KeyedLocks()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_created = 0.0
         self.stops = StopQueue(store, google, clock, config, self.spawn)
+        self.renewals = Renewer(self)
 
     @property
     def address(self) -> str:
@@ -75,8 +70,12 @@ class ChannelManager:
         self._last_created = max(self.clock.now(), self._last_created + 1e-6)
         return self._last_created
 
-    def _lock(self, calendar_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(calendar_id, asyncio.Lock())
+    def calendar_lock(self, calendar_id: str) -> AbstractAsyncContextManager[None]:
+        """Held while a calendar's channels change (not reentrant)."""
+        return self._calendars.hold(calendar_id)
+
+    def calendar_busy(self, calendar_id: str) -> bool:
+        return self._calendars.busy(calendar_id)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run in the background, kept referenced until done (and awaited at shutdown)."""
@@ -102,7 +101,14 @@ class ChannelManager:
         current = await self.current_channel(calendar_id)
         if current is not None:
             return current
-        return await self._bounded(self.create_channel(calendar_id), calendar_id, wait)
+        return await self._bounded(self._ensure(calendar_id), calendar_id, wait)
+
+    async def _ensure(self, calendar_id: str) -> Channel | None:
+        async with self.calendar_lock(calendar_id):
+            current = await self.current_channel(calendar_id)  # a renewal may have made one
+            if current is not None:
+                return current
+            return await self.create_channel(calendar_id)
 
     async def _bounded(
         self, work: Coroutine[Any, Any, Channel | None], calendar_id: str, wait: float | None
@@ -116,28 +122,28 @@ class ChannelManager:
 
     async def create_channel(self, calendar_id: str) -> Channel | None:
         """A new channel: the first full list (when no sync token yet), stored as pending,
-        then watched. Returns it in whatever state Google's answer left it."""
-        async with self._lock(calendar_id):
-            if await self.store.get_room(calendar_id) is None:
-                return None  # deleted meanwhile
-            now = self._creation_time()
-            channel = Channel(
-                id=str(uuid.uuid4()),
-                calendar_id=calendar_id,
-                resource_id="",
-                token=secrets.token_urlsafe(48),
-                expiration=None,
-                state="pending",
-                confirmed=False,
-                last_message_number=0,
-                last_error=None,
-                created_at=now,
-                updated_at=now,
-            )
-            error = await self._first_sync_token(calendar_id)
-            await self.store.insert_channel(channel)
-            if error is not None:
-                return await self._failed_attempt(channel, error)
+        then watched. Returns it in whatever state Google's answer left it. The caller holds
+        the calendar's lock."""
+        if await self.store.get_room(calendar_id) is None:
+            return None  # deleted meanwhile
+        now = self._creation_time()
+        channel = Channel(
+            id=str(uuid.uuid4()),
+            calendar_id=calendar_id,
+            resource_id="",
+            token=secrets.token_urlsafe(48),
+            expiration=None,
+            state="pending",
+            confirmed=False,
+            last_message_number=0,
+            last_error=None,
+            created_at=now,
+            updated_at=now,
+        )
+        error = await self._first_sync_token(calendar_id)
+        await self.store.insert_channel(channel)
+        if error is not None:
+            return await self._failed_attempt(channel, error)
         return await self._watch(channel)
 
     async def _first_sync_token(self, calendar_id: str) -> GoogleError | None:
@@ -191,12 +197,14 @@ class ChannelManager:
         try:
             result = await late
         except GoogleError as error:
-            stored = await self.store.get_channel(channel.id)
-            if stored is not None and stored.state == "pending":
-                await self._failed_attempt(stored, error)
+            async with self.calendar_lock(channel.calendar_id):
+                stored = await self.store.get_channel(channel.id)
+                if stored is not None and stored.state == "pending":
+                    await self._failed_attempt(stored, error)
             return
         log.info("watch_answered_late", extra={"channel_id": channel.id})
-        await self._watched(channel, result)
+        async with self.calendar_lock(channel.calendar_id):
+            await self._watched(channel, result)
 
     async def _watched(self, channel: Channel, result: WatchResult) -> Channel | None:
         """Record Google's answer; stop the channel if it is no longer the current one."""
@@ -238,7 +246,7 @@ class ChannelManager:
                     "reason": str(error),
                 },
             )
-            return await self.store.update_channel(
+            failed = await self.store.update_channel(
                 channel.id,
                 now,
                 state="failed",
@@ -246,6 +254,8 @@ class ChannelManager:
                 attempts=attempts,
                 next_attempt_at=None,
             )
+            await self.reinstate(channel.calendar_id)
+            return failed
         delay = backoff_delay(attempts, base=RETRY_BASE, cap=RETRY_CAP)
         log.info(
             "channel_retry_scheduled",
@@ -263,9 +273,18 @@ class ChannelManager:
             for c in await self.store.list_channels(states=("pending",))
             if c.next_attempt_at is not None and c.next_attempt_at <= now
         ]
+        retried = 0
         for channel in due:
-            await self._watch(channel)
-        return len(due)
+            async with self.calendar_lock(channel.calendar_id):
+                # Read again under the lock: a renewal may have replaced it meanwhile.
+                stored = await self.store.get_channel(channel.id)
+                if stored is None or stored.state != "pending" or stored.next_attempt_at is None:
+                    continue
+                if stored.next_attempt_at > self.clock.now():
+                    continue
+                await self._watch(stored)
+                retried += 1
+        return retried
 
     async def recover_after_restart(self) -> None:
         """Pending channels left without a retry time were in flight when the process died;
@@ -275,64 +294,41 @@ class ChannelManager:
             if channel.next_attempt_at is None:
                 await self.store.update_channel(channel.id, now, next_attempt_at=now)
 
+    async def reinstate(self, calendar_id: str) -> Channel | None:
+        """A calendar left without a live channel (its successor failed for good, or a renewal
+        was cut short) gets its newest retiring channel back as `active`: it still listens,
+        and the next renewal check renews it (at once when it has expired). Lock held."""
+        channels = await self.store.list_channels(calendar_id)
+        retiring = [c for c in channels if c.state == "retiring"]
+        if not retiring or any(c.state in LIVE_STATES for c in channels):
+            return None
+        back = await self.store.update_channel(retiring[-1].id, self.clock.now(), state="active")
+        if back is None:
+            return None
+        log.warning(
+            "channel_reinstated",
+            extra={"channel_id": back.id, "calendar_id": calendar_id},
+        )
+        if back.confirmed:  # Google sends on it: any older retiring ones can go
+            await self.confirmed(back)
+        return back
+
     # -- Google's sync message ---------------------------------------------------------------
     async def confirmed(self, channel: Channel) -> None:
-        """A channel's `sync` arrived: channels it replaces can now be stopped (no gap)."""
+        """A channel's `sync` arrived: channels it replaces can now be stopped (no gap). Never
+        takes the calendar's lock: the sync may arrive while a watch holds it."""
         for older in await self.store.list_channels(channel.calendar_id, states=("retiring",)):
             if older.created_at <= channel.created_at and older.id != channel.id:
                 await self.queue_stop(older.id, older.resource_id, older.calendar_id)
 
-    # -- renewal -----------------------------------------------------------------------------
+    # -- renewal (daemon/renewal.py) --------------------------------------------------------
     async def renew_due(self) -> RenewSummary:
-        """Give every current channel expiring within google.renew_before its successor."""
-        horizon = self.clock.now() + self.config.google.renew_before
-        summary = RenewSummary()
-        for channel in await self.store.list_channels(states=("active",), expiring_before=horizon):
-            current = await self.current_channel(channel.calendar_id)
-            if current is None or current.id != channel.id:
-                continue  # a successor exists already
-            await self._renew(channel.calendar_id, summary)
-        await self._forget_expired_retiring()
-        return summary
+        """The periodic renewal check (see Renewer.due)."""
+        return await self.renewals.due()
 
     async def renew_now(self, calendar_id: str | None = None) -> RenewSummary:
         """Every room's calendar (or one) gets a new channel now, failed ones included."""
-        summary = RenewSummary()
-        if calendar_id is not None:
-            calendars = [calendar_id]
-        else:
-            calendars = [room.calendar_id for room in await self.store.list_rooms()]
-        for calendar in calendars:
-            await self._renew(calendar, summary)
-        return summary
-
-    async def _renew(self, calendar_id: str, summary: RenewSummary) -> None:
-        """The old active channel retires first (it keeps listening until its successor's
-        `sync` arrives), so that the successor is the only live one; if the successor fails
-        for good, the old channel is active again."""
-        retiring = []
-        for old in await self.store.list_channels(calendar_id):
-            if old.state == "active":
-                await self.store.update_channel(old.id, self.clock.now(), state="retiring")
-                retiring.append(old)
-            elif old.state in ("pending", "failed"):
-                # Never watched successfully: nothing overlaps, so no need to keep it.
-                await self.discard(old)
-        successor = await self.create_channel(calendar_id)
-        if successor is None or successor.state == "failed":
-            reason = successor.last_error if successor else "room not found"
-            summary.failed.append({"calendar_id": calendar_id, "reason": reason or "failed"})
-            for old in retiring:
-                await self.store.update_channel(old.id, self.clock.now(), state="active")
-            return
-        summary.renewed += 1
-        if successor.confirmed:  # its sync came before the old ones were marked
-            await self.confirmed(successor)
-
-    async def _forget_expired_retiring(self) -> None:
-        now = self.clock.now()
-        for channel in await self.store.list_channels(states=("retiring",), expiring_before=now):
-            await self.queue_stop(channel.id, channel.resource_id, channel.calendar_id)
+        return await self.renewals.now(calendar_id)
 
     # -- stopping ----------------------------------------------------------------------------
     async def discard(self, channel: Channel) -> None:
@@ -353,10 +349,12 @@ class ChannelManager:
         return await self.stops.queue_unknown(channel_id, resource_id)
 
     async def forget_calendar(self, calendar_id: str) -> int:
-        """The room went: every channel of its calendar is stopped through the stop queue."""
-        channels = await self.store.list_channels(calendar_id)
-        for channel in channels:
-            await self.discard(channel)
+        """The room went: every channel of its calendar is stopped through the stop queue
+        (after any channel work under way: a watch it started is then stored, and stopped)."""
+        async with self.calendar_lock(calendar_id):
+            channels = await self.store.list_channels(calendar_id)
+            for channel in channels:
+                await self.discard(channel)
         return len(channels)
 
     def kick_stops(self) -> None:

@@ -188,6 +188,8 @@ class Failure:
     message: str | None
     delay: float
     calendar_id: str | None
+    hold: asyncio.Event | None = None  # the call waits until the test sets it
+    taken: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call takes it
 
 
 @dataclass
@@ -442,14 +444,18 @@ class GoogleCalendarEmulator:
         message: str | None = None,
         delay: float = 0.0,
         calendar_id: str | None = None,
-    ) -> None:
-        """The next `count` calls of `method` wait `delay` real seconds, then answer the
-        error (status and/or reason) or, with neither, go on as usual (a late answer)."""
+        hold: asyncio.Event | None = None,
+    ) -> Failure:
+        """The next `count` calls of `method` wait `delay` real seconds (and, with `hold`, until
+        it is set), then answer the error (status and/or reason) or, with neither, go on as
+        usual (a late answer). The returned Failure's `taken` is set when a call takes it."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         if status is None and reason is not None and reason not in _REASONS:
             raise ValueError(f"unknown reason {reason!r}: give a status too")
-        self._failures.append(Failure(method, count, status, reason, message, delay, calendar_id))
+        failure = Failure(method, count, status, reason, message, delay, calendar_id, hold)
+        self._failures.append(failure)
+        return failure
 
     def clear_failures(self) -> None:
         self._failures.clear()
@@ -480,8 +486,11 @@ class GoogleCalendarEmulator:
             self._authorise(authorization)
             failure = self._take_failure(method, calendar_id)
             if failure is not None:
+                failure.taken.set()
                 if failure.delay > 0:
                     await asyncio.sleep(failure.delay)
+                if failure.hold is not None:
+                    await failure.hold.wait()
                 if failure.status is not None or failure.reason is not None:
                     raise error_for(failure.status, failure.reason, failure.message)
             result = action()
@@ -937,8 +946,9 @@ class ControlChannelsHandler(_Control):
 class ControlFailuresHandler(_Control):
     def post(self) -> None:
         body = self.json_body()
-        self._handle(
-            lambda: self.google.inject(
+
+        def inject() -> None:
+            self.google.inject(
                 str(body["method"]),
                 count=int(body.get("count", 1)),
                 status=body.get("status"),
@@ -947,7 +957,8 @@ class ControlFailuresHandler(_Control):
                 delay=float(body.get("delay", 0.0)),
                 calendar_id=body.get("calendar_id"),
             )
-        )
+
+        self._handle(inject)
 
     def delete(self) -> None:
         self._handle(self.google.clear_failures)
