@@ -7,7 +7,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from daemon.backoff import backoff_delay
@@ -21,16 +21,16 @@ from daemon.google_calendar import (
     PermanentGoogleError,
     WatchResult,
 )
+from daemon.keyed_locks import KeyedLocks
+from daemon.renewal import LIVE_STATES, Renewer, RenewSummary
+from daemon.stops import StopQueue
 from storage.base import Channel, Store
 
 log = logging.getLogger(__name__)
 
-LIVE_STATES = ("pending", "active")
 NO_CREDENTIALS = PermanentGoogleError(0, "noCredentials", "google.service_account_file is not set")
-RETRY_BASE = 5.0  # seconds before the first background retry of a channel or a stop
+RETRY_BASE = 5.0  # seconds before the first background retry of a channel
 RETRY_CAP = 3600.0
-# Stops owed to Google at most; past it, webhook calls for unknown channels queue none (logged).
-MAX_STOP_QUEUE = 10_000
 
 
 def current_of(channels: list[Channel]) -> Channel | None:
@@ -41,15 +41,6 @@ def current_of(channels: list[Channel]) -> Channel | None:
         return live[-1]
     failed = [c for c in channels if c.state == "failed"]
     return failed[-1] if failed else None
-
-
-@dataclass
-class RenewSummary:
-    renewed: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"renewed": self.renewed, "failed": self.failed}
 
 
 class ChannelManager:
@@ -64,11 +55,13 @@ class ChannelManager:
         self.config = config
         # The service sets the port it actually bound (server.port 0) once it listens.
         self.public_url = public_url(config.server)
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One holder at a time decides a calendar's channels (make, watch, retire, renew, fail,
+        # forget); Google's `sync` webhook never waits for it (it may come mid-watch).
+        self._calendars = KeyedLocks()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_created = 0.0
-        self._stops_lock = asyncio.Lock()
-        self._stops_kicked = False
+        self.stops = StopQueue(store, google, clock, config, self.spawn)
+        self.renewals = Renewer(self)
 
     @property
     def address(self) -> str:
@@ -80,8 +73,12 @@ class ChannelManager:
         self._last_created = max(self.clock.now(), self._last_created + 1e-6)
         return self._last_created
 
-    def _lock(self, calendar_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(calendar_id, asyncio.Lock())
+    def calendar_lock(self, calendar_id: str) -> AbstractAsyncContextManager[None]:
+        """Held while a calendar's channels change (not reentrant)."""
+        return self._calendars.hold(calendar_id)
+
+    def calendar_busy(self, calendar_id: str) -> bool:
+        return self._calendars.busy(calendar_id)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run in the background, kept referenced until done (and awaited at shutdown)."""
@@ -107,7 +104,14 @@ class ChannelManager:
         current = await self.current_channel(calendar_id)
         if current is not None:
             return current
-        return await self._bounded(self.create_channel(calendar_id), calendar_id, wait)
+        return await self._bounded(self._ensure(calendar_id), calendar_id, wait)
+
+    async def _ensure(self, calendar_id: str) -> Channel | None:
+        async with self.calendar_lock(calendar_id):
+            current = await self.current_channel(calendar_id)  # a renewal may have made one
+            if current is not None:
+                return current
+            return await self.create_channel(calendar_id)
 
     async def _bounded(
         self, work: Coroutine[Any, Any, Channel | None], calendar_id: str, wait: float | None
@@ -121,28 +125,28 @@ class ChannelManager:
 
     async def create_channel(self, calendar_id: str) -> Channel | None:
         """A new channel: the first full list (when no sync token yet), stored as pending,
-        then watched. Returns it in whatever state Google's answer left it."""
-        async with self._lock(calendar_id):
-            if await self.store.get_room(calendar_id) is None:
-                return None  # deleted meanwhile
-            now = self._creation_time()
-            channel = Channel(
-                id=str(uuid.uuid4()),
-                calendar_id=calendar_id,
-                resource_id="",
-                token=secrets.token_urlsafe(48),
-                expiration=None,
-                state="pending",
-                confirmed=False,
-                last_message_number=0,
-                last_error=None,
-                created_at=now,
-                updated_at=now,
-            )
-            error = await self._first_sync_token(calendar_id)
-            await self.store.insert_channel(channel)
-            if error is not None:
-                return await self._failed_attempt(channel, error)
+        then watched. Returns it in whatever state Google's answer left it. The caller holds
+        the calendar's lock."""
+        if await self.store.get_room(calendar_id) is None:
+            return None  # deleted meanwhile
+        now = self._creation_time()
+        channel = Channel(
+            id=str(uuid.uuid4()),
+            calendar_id=calendar_id,
+            resource_id="",
+            token=secrets.token_urlsafe(48),
+            expiration=None,
+            state="pending",
+            confirmed=False,
+            last_message_number=0,
+            last_error=None,
+            created_at=now,
+            updated_at=now,
+        )
+        error = await self._first_sync_token(calendar_id)
+        await self.store.insert_channel(channel)
+        if error is not None:
+            return await self._failed_attempt(channel, error)
         return await self._watch(channel)
 
     async def _first_sync_token(self, calendar_id: str) -> GoogleError | None:
@@ -196,12 +200,14 @@ class ChannelManager:
         try:
             result = await late
         except GoogleError as error:
-            stored = await self.store.get_channel(channel.id)
-            if stored is not None and stored.state == "pending":
-                await self._failed_attempt(stored, error)
+            async with self.calendar_lock(channel.calendar_id):
+                stored = await self.store.get_channel(channel.id)
+                if stored is not None and stored.state == "pending":
+                    await self._failed_attempt(stored, error)
             return
         log.info("watch_answered_late", extra={"channel_id": channel.id})
-        await self._watched(channel, result)
+        async with self.calendar_lock(channel.calendar_id):
+            await self._watched(channel, result)
 
     async def _watched(self, channel: Channel, result: WatchResult) -> Channel | None:
         """Record Google's answer; stop the channel if it is no longer the current one."""
@@ -243,7 +249,7 @@ class ChannelManager:
                     "reason": str(error),
                 },
             )
-            return await self.store.update_channel(
+            failed = await self.store.update_channel(
                 channel.id,
                 now,
                 state="failed",
@@ -251,6 +257,8 @@ class ChannelManager:
                 attempts=attempts,
                 next_attempt_at=None,
             )
+            await self.reinstate(channel.calendar_id)
+            return failed
         delay = backoff_delay(attempts, base=RETRY_BASE, cap=RETRY_CAP)
         log.info(
             "channel_retry_scheduled",
@@ -268,9 +276,18 @@ class ChannelManager:
             for c in await self.store.list_channels(states=("pending",))
             if c.next_attempt_at is not None and c.next_attempt_at <= now
         ]
+        retried = 0
         for channel in due:
-            await self._watch(channel)
-        return len(due)
+            async with self.calendar_lock(channel.calendar_id):
+                # Read again under the lock: a renewal may have replaced it meanwhile.
+                stored = await self.store.get_channel(channel.id)
+                if stored is None or stored.state != "pending" or stored.next_attempt_at is None:
+                    continue
+                if stored.next_attempt_at > self.clock.now():
+                    continue
+                await self._watch(stored)
+                retried += 1
+        return retried
 
     async def recover_after_restart(self) -> None:
         """Pending channels left without a retry time were in flight when the process died;
@@ -280,64 +297,41 @@ class ChannelManager:
             if channel.next_attempt_at is None:
                 await self.store.update_channel(channel.id, now, next_attempt_at=now)
 
+    async def reinstate(self, calendar_id: str) -> Channel | None:
+        """A calendar left without a live channel (its successor failed for good, or a renewal
+        was cut short) gets its newest retiring channel back as `active`: it still listens,
+        and the next renewal check renews it (at once when it has expired). Lock held."""
+        channels = await self.store.list_channels(calendar_id)
+        retiring = [c for c in channels if c.state == "retiring"]
+        if not retiring or any(c.state in LIVE_STATES for c in channels):
+            return None
+        back = await self.store.update_channel(retiring[-1].id, self.clock.now(), state="active")
+        if back is None:
+            return None
+        log.warning(
+            "channel_reinstated",
+            extra={"channel_id": back.id, "calendar_id": calendar_id},
+        )
+        if back.confirmed:  # Google sends on it: any older retiring ones can go
+            await self.confirmed(back)
+        return back
+
     # -- Google's sync message ---------------------------------------------------------------
     async def confirmed(self, channel: Channel) -> None:
-        """A channel's `sync` arrived: channels it replaces can now be stopped (no gap)."""
+        """A channel's `sync` arrived: channels it replaces can now be stopped (no gap). Never
+        takes the calendar's lock: the sync may arrive while a watch holds it."""
         for older in await self.store.list_channels(channel.calendar_id, states=("retiring",)):
             if older.created_at <= channel.created_at and older.id != channel.id:
                 await self.queue_stop(older.id, older.resource_id, older.calendar_id)
 
-    # -- renewal -----------------------------------------------------------------------------
+    # -- renewal (daemon/renewal.py) --------------------------------------------------------
     async def renew_due(self) -> RenewSummary:
-        """Give every current channel expiring within google.renew_before its successor."""
-        horizon = self.clock.now() + self.config.google.renew_before
-        summary = RenewSummary()
-        for channel in await self.store.list_channels(states=("active",), expiring_before=horizon):
-            current = await self.current_channel(channel.calendar_id)
-            if current is None or current.id != channel.id:
-                continue  # a successor exists already
-            await self._renew(channel.calendar_id, summary)
-        await self._forget_expired_retiring()
-        return summary
+        """The periodic renewal check (see Renewer.due)."""
+        return await self.renewals.due()
 
     async def renew_now(self, calendar_id: str | None = None) -> RenewSummary:
         """Every room's calendar (or one) gets a new channel now, failed ones included."""
-        summary = RenewSummary()
-        if calendar_id is not None:
-            calendars = [calendar_id]
-        else:
-            calendars = [room.calendar_id for room in await self.store.list_rooms()]
-        for calendar in calendars:
-            await self._renew(calendar, summary)
-        return summary
-
-    async def _renew(self, calendar_id: str, summary: RenewSummary) -> None:
-        """The old active channel retires first (it keeps listening until its successor's
-        `sync` arrives), so that the successor is the only live one; if the successor fails
-        for good, the old channel is active again."""
-        retiring = []
-        for old in await self.store.list_channels(calendar_id):
-            if old.state == "active":
-                await self.store.update_channel(old.id, self.clock.now(), state="retiring")
-                retiring.append(old)
-            elif old.state in ("pending", "failed"):
-                # Never watched successfully: nothing overlaps, so no need to keep it.
-                await self.discard(old)
-        successor = await self.create_channel(calendar_id)
-        if successor is None or successor.state == "failed":
-            reason = successor.last_error if successor else "room not found"
-            summary.failed.append({"calendar_id": calendar_id, "reason": reason or "failed"})
-            for old in retiring:
-                await self.store.update_channel(old.id, self.clock.now(), state="active")
-            return
-        summary.renewed += 1
-        if successor.confirmed:  # its sync came before the old ones were marked
-            await self.confirmed(successor)
-
-    async def _forget_expired_retiring(self) -> None:
-        now = self.clock.now()
-        for channel in await self.store.list_channels(states=("retiring",), expiring_before=now):
-            await self.queue_stop(channel.id, channel.resource_id, channel.calendar_id)
+        return await self.renewals.now(calendar_id)
 
     # -- stopping ----------------------------------------------------------------------------
     async def discard(self, channel: Channel) -> None:
@@ -351,55 +345,23 @@ class ChannelManager:
     async def queue_stop(self, channel_id: str, resource_id: str, calendar_id: str | None) -> bool:
         """Forget the channel and queue its `channels.stop` (retried until done)."""
         await self.store.delete_channel(channel_id)
-        queued = await self.store.enqueue_stop(
-            channel_id, resource_id, calendar_id, self.clock.now()
-        )
-        if queued:
-            self.kick_stops()
-        return queued
+        return await self.stops.queue(channel_id, resource_id, calendar_id)
 
     async def queue_unknown_stop(self, channel_id: str, resource_id: str) -> bool:
-        """A webhook call for a channel we do not know: stop it, unless the queue is full
-        (anyone can post made-up channel ids; the bound keeps them from filling the disk)."""
-        if len(await self.store.due_stops(float("inf"), limit=MAX_STOP_QUEUE)) >= MAX_STOP_QUEUE:
-            log.warning("stop_queue_full", extra={"channel_id": channel_id})
-            return False
-        return await self.queue_stop(channel_id, resource_id, None)
+        """A webhook call for a channel we do not know: queue its stop (see StopQueue)."""
+        return await self.stops.queue_unknown(channel_id, resource_id)
 
     async def forget_calendar(self, calendar_id: str) -> int:
-        """The room went: every channel of its calendar is stopped through the stop queue."""
-        channels = await self.store.list_channels(calendar_id)
-        for channel in channels:
-            await self.discard(channel)
+        """The room went: every channel of its calendar is stopped through the stop queue
+        (after any channel work under way: a watch it started is then stored, and stopped)."""
+        async with self.calendar_lock(calendar_id):
+            channels = await self.store.list_channels(calendar_id)
+            for channel in channels:
+                await self.discard(channel)
         return len(channels)
 
     def kick_stops(self) -> None:
-        """Process the stop queue soon; at most one run waits behind the one under way."""
-        if not self._stops_kicked:
-            self._stops_kicked = True
-            self.spawn(self.process_stops())
+        self.stops.kick()
 
     async def process_stops(self) -> int:
-        """Send the due stops; a 404 counts as stopped; other failures are retried later."""
-        async with self._stops_lock:
-            self._stops_kicked = False
-            return await self._process_stops()
-
-    async def _process_stops(self) -> int:
-        if self.google is None:
-            return 0
-        done = 0
-        for stop in await self.store.due_stops(self.clock.now()):
-            try:
-                await self.google.stop(stop.channel_id, stop.resource_id)
-            except GoogleError as error:
-                if error.status != 404:
-                    delay = backoff_delay(stop.attempts + 1, base=RETRY_BASE, cap=RETRY_CAP)
-                    await self.store.reschedule_stop(
-                        stop.channel_id, self.clock.now() + delay, str(error)
-                    )
-                    continue
-            await self.store.remove_stop(stop.channel_id)
-            log.info("channel_stopped", extra={"channel_id": stop.channel_id})
-            done += 1
-        return done
+        return await self.stops.process()

@@ -8,12 +8,17 @@ from dataclasses import dataclass
 
 from tornado.httputil import HTTPHeaders
 
+from daemon.ids import CALENDAR_ID_MAX
 from handlers.base import ApiError, BaseHandler
 from storage.base import Channel, DuplicateNotification, ResourceState, StoreError
 
 log = logging.getLogger(__name__)
 
 HEADER_MAX = 1024
+# X-Goog-Resource-URI holds the percent-encoded calendar id: at least 8 KB (the contract), and
+# enough for the longest id PUT accepts (each character at most 4 UTF-8 bytes, 12 encoded)
+# plus Google's prefix and query, so that no room PUT accepts is ever deaf.
+RESOURCE_URI_MAX = max(8192, 12 * CALENDAR_ID_MAX + 1024)
 # Both stores keep message numbers as signed 64-bit integers; a larger one could not be stored
 # and would fail as a 500, which Google sends again for ever.
 MESSAGE_NUMBER_MAX = 2**63 - 1
@@ -38,8 +43,11 @@ def parse_headers(headers: HTTPHeaders) -> GoogleHeaders:
     """The X-Goog-* headers (looked up case-insensitively), checked; ApiError 400 naming the
     first bad one."""
     for name, value in headers.get_all():
-        if name.lower().startswith("x-goog-") and len(value.encode()) > HEADER_MAX:
-            raise ApiError(400, "invalid_header", f"{name} is over {HEADER_MAX} bytes")
+        lowered = name.lower()
+        if lowered.startswith("x-goog-"):
+            limit = RESOURCE_URI_MAX if lowered == "x-goog-resource-uri" else HEADER_MAX
+            if len(value.encode()) > limit:
+                raise ApiError(400, "invalid_header", f"{name} is over {limit} bytes")
 
     def required(name: str) -> str:
         values = headers.get_list(name)

@@ -13,6 +13,10 @@ from typing import Any, Literal, Protocol
 ChannelState = Literal["pending", "active", "retiring", "failed"]
 CHANNEL_STATES: tuple[ChannelState, ...] = ("pending", "active", "retiring", "failed")
 
+# What enqueue_unknown_stop did: queued it; nothing, as the id is queued already or remembered
+# as stopped; nothing, as the queue is at its bound.
+StopOutcome = Literal["queued", "known", "full"]
+
 NotificationSource = Literal["webhook", "poll"]
 ResourceState = Literal["sync", "exists", "not_exists"]
 
@@ -220,17 +224,37 @@ class Store(Protocol):
     ) -> bool:
         """Queue a `channels.stop`, due now; once per channel id: False when already queued."""
 
+    async def enqueue_unknown_stop(
+        self, channel_id: str, resource_id: str, now: float, max_queued: int
+    ) -> StopOutcome:
+        """Queue a stop (due now, no calendar) for a channel a webhook call named but the store
+        does not know, at a cost that does not grow with the queue or the remembered ids:
+        "known" when the id is queued already or remembered (finish_stop) until after `now`;
+        "full" when the queue holds `max_queued` stops or more; else "queued"."""
+
+    async def count_stops(self) -> int:
+        """How many stops are queued, without reading them (the store keeps the count)."""
+
     async def due_stops(self, now: float, limit: int = 100) -> list[ChannelStop]:
         """Queued stops whose next_attempt_at <= now, oldest first."""
 
     async def list_stops(self) -> list[ChannelStop]: ...
+
+    async def finish_stop(
+        self, channel_id: str, remember_until: float, now: float, max_remembered: int
+    ) -> None:
+        """The stop is done (or given up): off the queue, its id remembered until
+        `remember_until`, so that enqueue_unknown_stop queues nothing more for it. Ids
+        remembered until `now` or earlier are forgotten; past `max_remembered` ids, those
+        closest to being forgotten go first."""
 
     async def reschedule_stop(
         self, channel_id: str, next_attempt_at: float, last_error: str
     ) -> None:
         """Count one more failed attempt and set when to try again."""
 
-    async def remove_stop(self, channel_id: str) -> None: ...
+    async def remove_stop(self, channel_id: str) -> None:
+        """Off the queue, not remembered."""
 
     # -- sync tokens -------------------------------------------------------------------------
     async def get_sync_token(self, calendar_id: str) -> str | None: ...

@@ -1,7 +1,8 @@
 """MongoDB backend of the `Store` protocol (motor or pymongo's async client).
 
 Collections: `rooms` (_id = calendar id; tokens and tombstones embedded), `sync_tokens`,
-`channels` (_id = channel id), `stops` (_id = channel id), `notifications` and `deliveries`
+`channels` (_id = channel id), `stops` (_id = channel id), `stopped` (_id = channel id, the ids
+of finished stops, remembered until `until`), `notifications` and `deliveries`
 (_id = an integer from `counters`), `counters` and `meta`. No sessions, transactions, bulk
 writes or change streams: each write is one atomic single-document operation (or an
 update_many whose documents stand alone), which also keeps mongomock-motor usable in tests.
@@ -33,6 +34,7 @@ from storage.base import (
     NotificationSource,
     ResourceState,
     Room,
+    StopOutcome,
     StoreError,
     StoreUnavailable,
     Target,
@@ -90,6 +92,7 @@ _INDEXES: list[tuple[str, list[tuple[str, int]], Doc]] = [
     ("channels", [("calendar_id", 1)], {"name": "calendar"}),
     ("channels", [("created_at", 1), ("_id", 1)], {"name": "created_at"}),
     ("stops", [("next_attempt_at", 1)], {"name": "next_attempt_at"}),
+    ("stopped", [("until", 1), ("_id", 1)], {"name": "until"}),
 ]
 
 
@@ -545,6 +548,41 @@ class MongoStore:
             except DuplicateKeyError:
                 return False
         return True
+
+    async def enqueue_unknown_stop(
+        self, channel_id: str, resource_id: str, now: float, max_queued: int
+    ) -> StopOutcome:
+        # _id lookups and the collection's metadata count: the same cost whatever is queued.
+        async with self._op() as db:
+            if await db.stopped.find_one({"_id": channel_id, "until": {"$gt": now}}) is not None:
+                return "known"
+            if await db.stops.find_one({"_id": channel_id}, {"_id": 1}) is not None:
+                return "known"
+            if await db.stops.estimated_document_count() >= max_queued:
+                return "full"
+        if await self.enqueue_stop(channel_id, resource_id, None, now):
+            return "queued"
+        return "known"  # queued meanwhile by another caller
+
+    async def count_stops(self) -> int:
+        # Collection metadata, not a scan (after an unclean shutdown it may be off a little).
+        async with self._op() as db:
+            return int(await db.stops.estimated_document_count())
+
+    async def finish_stop(
+        self, channel_id: str, remember_until: float, now: float, max_remembered: int
+    ) -> None:
+        async with self._op() as db:
+            await db.stops.delete_one({"_id": channel_id})
+            await db.stopped.delete_many({"until": {"$lte": now}})
+            await db.stopped.update_one(
+                {"_id": channel_id}, {"$max": {"until": remember_until}}, upsert=True
+            )
+            over = int(await db.stopped.estimated_document_count()) - max(max_remembered, 0)
+            if over > 0:
+                cursor = db.stopped.find({}, {"_id": 1}).sort([("until", 1), ("_id", 1)])
+                oldest = [doc["_id"] for doc in await cursor.limit(over).to_list(None)]
+                await db.stopped.delete_many({"_id": {"$in": oldest}})
 
     async def due_stops(self, now: float, limit: int = 100) -> list[ChannelStop]:
         if limit <= 0:

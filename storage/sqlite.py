@@ -27,6 +27,7 @@ from storage.base import (
     NotificationSource,
     ResourceState,
     Room,
+    StopOutcome,
     Store,
     StoreConfigError,
     StoreError,
@@ -132,8 +133,32 @@ async def _migration_1(db: aiosqlite.Connection) -> None:
     )
 
 
+async def _migration_2(db: aiosqlite.Connection) -> None:
+    """Stopped channel ids remembered for a while, and the counts of both stop tables kept by
+    triggers, so that a webhook for an unknown channel never counts rows."""
+    statements = [
+        """CREATE TABLE stopped_channels (
+            channel_id TEXT PRIMARY KEY,
+            until REAL NOT NULL) WITHOUT ROWID""",
+        "CREATE INDEX stopped_channels_until ON stopped_channels (until)",
+        "INSERT INTO meta (key, value) SELECT 'stops_queued', COUNT(*) FROM channel_stops",
+        "INSERT INTO meta (key, value) VALUES ('stops_remembered', 0)",
+        # An upsert that updates fires no INSERT trigger; ON CONFLICT DO NOTHING fires none.
+        """CREATE TRIGGER channel_stops_insert AFTER INSERT ON channel_stops BEGIN
+            UPDATE meta SET value = value + 1 WHERE key = 'stops_queued'; END""",
+        """CREATE TRIGGER channel_stops_delete AFTER DELETE ON channel_stops BEGIN
+            UPDATE meta SET value = value - 1 WHERE key = 'stops_queued'; END""",
+        """CREATE TRIGGER stopped_channels_insert AFTER INSERT ON stopped_channels BEGIN
+            UPDATE meta SET value = value + 1 WHERE key = 'stops_remembered'; END""",
+        """CREATE TRIGGER stopped_channels_delete AFTER DELETE ON stopped_channels BEGIN
+            UPDATE meta SET value = value - 1 WHERE key = 'stops_remembered'; END""",
+    ]
+    for statement in statements:
+        await db.execute(statement)
+
+
 # Applied in order, each in its own transaction; later changes append steps, never edit one.
-MIGRATIONS: list[Migration] = [_migration_1]
+MIGRATIONS: list[Migration] = [_migration_1, _migration_2]
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -246,6 +271,12 @@ async def _cancel_token_deliveries(
             " AND target_token IN (SELECT value FROM json_each(?))",
             (now, calendar_id, json.dumps(tokens)),
         )
+
+
+async def _meta_count(db: aiosqlite.Connection, key: str) -> int:
+    """A count the triggers of _migration_2 keep in `meta`."""
+    row = await _one(db, "SELECT value FROM meta WHERE key = ?", (key,))
+    return int(row[0]) if row is not None else 0
 
 
 async def _with_deliveries(db: aiosqlite.Connection, rows: list[sqlite3.Row]) -> list[Notification]:
@@ -655,6 +686,52 @@ class SqliteStore:
                 (channel_id, resource_id, calendar_id, now, now),
             )
             return cursor.rowcount > 0
+
+    async def enqueue_unknown_stop(
+        self, channel_id: str, resource_id: str, now: float, max_queued: int
+    ) -> StopOutcome:
+        # Primary-key lookups and the trigger-kept count: the same cost whatever is queued.
+        async with self._transaction() as db:
+            remembered = await _one(
+                db, "SELECT until FROM stopped_channels WHERE channel_id = ?", (channel_id,)
+            )
+            if remembered is not None and remembered["until"] > now:
+                return "known"
+            queued = await _one(
+                db, "SELECT 1 FROM channel_stops WHERE channel_id = ?", (channel_id,)
+            )
+            if queued is not None:
+                return "known"
+            if await _meta_count(db, "stops_queued") >= max_queued:
+                return "full"
+            await db.execute(
+                "INSERT INTO channel_stops (channel_id, resource_id, calendar_id, attempts,"
+                " next_attempt_at, last_error, created_at) VALUES (?, ?, NULL, 0, ?, NULL, ?)",
+                (channel_id, resource_id, now, now),
+            )
+        return "queued"
+
+    async def count_stops(self) -> int:
+        return await self._meta_int("stops_queued")
+
+    async def finish_stop(
+        self, channel_id: str, remember_until: float, now: float, max_remembered: int
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM channel_stops WHERE channel_id = ?", (channel_id,))
+            await db.execute("DELETE FROM stopped_channels WHERE until <= ?", (now,))
+            await db.execute(
+                "INSERT INTO stopped_channels (channel_id, until) VALUES (?, ?)"
+                " ON CONFLICT (channel_id) DO UPDATE SET until = max(until, excluded.until)",
+                (channel_id, remember_until),
+            )
+            over = await _meta_count(db, "stops_remembered") - max(max_remembered, 0)
+            if over > 0:
+                await db.execute(
+                    "DELETE FROM stopped_channels WHERE channel_id IN (SELECT channel_id FROM"
+                    " stopped_channels ORDER BY until, channel_id LIMIT ?)",
+                    (over,),
+                )
 
     async def due_stops(self, now: float, limit: int = 100) -> list[ChannelStop]:
         async with self._session() as db:

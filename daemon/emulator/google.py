@@ -191,6 +191,8 @@ class Failure:
     message: str | None
     delay: float
     calendar_id: str | None
+    hold: asyncio.Event | None = None  # the call waits until the test sets it
+    taken: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call takes it
 
 
 @dataclass
@@ -426,6 +428,7 @@ class GoogleCalendarEmulator:
                 "id": c.id,
                 "calendar_id": c.calendar_id,
                 "resource_id": c.resource_id,
+                "resource_uri": c.resource_uri,
                 "address": c.address,
                 "token": c.token,
                 "expiration": rfc3339(c.expiration),
@@ -455,14 +458,18 @@ class GoogleCalendarEmulator:
         message: str | None = None,
         delay: float = 0.0,
         calendar_id: str | None = None,
-    ) -> None:
-        """The next `count` calls of `method` wait `delay` real seconds, then answer the
-        error (status and/or reason) or, with neither, go on as usual (a late answer)."""
+        hold: asyncio.Event | None = None,
+    ) -> Failure:
+        """The next `count` calls of `method` wait `delay` real seconds (and, with `hold`, until
+        it is set), then answer the error (status and/or reason) or, with neither, go on as
+        usual (a late answer). The returned Failure's `taken` is set when a call takes it."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         if status is None and reason is not None and reason not in _REASONS:
             raise ValueError(f"unknown reason {reason!r}: give a status too")
-        self._failures.append(Failure(method, count, status, reason, message, delay, calendar_id))
+        failure = Failure(method, count, status, reason, message, delay, calendar_id, hold)
+        self._failures.append(failure)
+        return failure
 
     def clear_failures(self) -> None:
         self._failures.clear()
@@ -493,8 +500,11 @@ class GoogleCalendarEmulator:
             self._authorise(authorization)
             failure = self._take_failure(method, calendar_id)
             if failure is not None:
+                failure.taken.set()
                 if failure.delay > 0:
                     await asyncio.sleep(failure.delay)
+                if failure.hold is not None:
+                    await failure.hold.wait()
                 if failure.status is not None or failure.reason is not None:
                     raise error_for(failure.status, failure.reason, failure.message)
             result = action()
@@ -521,7 +531,11 @@ class GoogleCalendarEmulator:
                 403, "insufficientPermissions", "Request had insufficient authentication scopes."
             )
 
-    async def watch(self, calendar_id: str, body: dict[str, Any]) -> tuple[dict[str, Any], Channel]:
+    async def watch(
+        self, calendar_id: str, body: dict[str, Any], query: str = "alt=json"
+    ) -> tuple[dict[str, Any], Channel]:
+        """Google's events.watch; `query` is the request's query string, which Google echoes in
+        the channel's resource URI after the percent-encoded calendar id."""
         calendar = self._calendar(calendar_id)
         channel_id = body.get("id")
         if not isinstance(channel_id, str) or not channel_id:
@@ -560,7 +574,7 @@ class GoogleCalendarEmulator:
             resource_id=calendar.resource_id,
             resource_uri=(
                 f"{self.resource_uri_base}/calendars/"
-                f"{urllib.parse.quote(calendar.id, safe='')}/events?alt=json"
+                f"{urllib.parse.quote(calendar.id, safe='')}/events?{query or 'alt=json'}"
             ),
             address=str(address),
             token=token,
@@ -823,7 +837,7 @@ class WatchHandler(_Base):
                 "watch",
                 calendar_id,
                 self.request.headers.get("Authorization"),
-                lambda: self.google.watch(calendar_id, body),
+                lambda: self.google.watch(calendar_id, body, self.request.query),
             )
         except GoogleApiError as exc:
             self.fail(exc)
@@ -855,6 +869,18 @@ class StopHandler(_Base):
 class EventsHandler(_Base):
     async def get(self, calendar_id: str) -> None:
         args = {name: self.get_query_argument(name) for name in self.request.query_arguments}
+        await self._list(calendar_id, args)
+
+    async def post(self, calendar_id: str) -> None:
+        """A GET whose URI is too long (over 2,048 characters, e.g. a long percent-encoded
+        calendar id) comes as a POST with X-HTTP-Method-Override and the query as a form body,
+        as google-api-python-client sends it and Google takes it."""
+        if self.request.headers.get("X-HTTP-Method-Override", "").upper() != "GET":
+            raise tornado.web.HTTPError(405)
+        args = {name: self.get_body_argument(name) for name in self.request.body_arguments}
+        await self._list(calendar_id, args)
+
+    async def _list(self, calendar_id: str, args: dict[str, str]) -> None:
         try:
             answer = await self.google.call(
                 "list",
@@ -949,8 +975,9 @@ class ControlChannelsHandler(_Control):
 class ControlFailuresHandler(_Control):
     def post(self) -> None:
         body = self.json_body()
-        self._handle(
-            lambda: self.google.inject(
+
+        def inject() -> None:
+            self.google.inject(
                 str(body["method"]),
                 count=int(body.get("count", 1)),
                 status=body.get("status"),
@@ -959,7 +986,8 @@ class ControlFailuresHandler(_Control):
                 delay=float(body.get("delay", 0.0)),
                 calendar_id=body.get("calendar_id"),
             )
-        )
+
+        self._handle(inject)
 
     def delete(self) -> None:
         self._handle(self.google.clear_failures)

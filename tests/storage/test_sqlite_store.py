@@ -250,3 +250,28 @@ async def test_a_cancelled_call_leaves_all_or_nothing(tmp_path):
         assert await store.count_deliveries() == 2 * await store.last_seq()
     finally:
         await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_migration_2_counts_the_stops_a_version_1_file_holds(tmp_path):
+    path = str(tmp_path / "mrm-push.sqlite3")
+    store = SqliteStore(path)
+    await store.open()
+    await store.enqueue_stop("ch-1", "res-1", "cal-1", T0)
+    await store.enqueue_stop("ch-2", "res-2", None, T0)
+    await store.close()
+    # Back to what version 1 had: no stopped_channels, no counts, no triggers.
+    with sqlite3.connect(path) as raw:
+        for trigger in ("channel_stops_insert", "channel_stops_delete"):
+            raw.execute(f"DROP TRIGGER {trigger}")
+        raw.execute("DROP TABLE stopped_channels")
+        raw.execute("DELETE FROM meta WHERE key IN ('stops_queued', 'stops_remembered')")
+        raw.execute("PRAGMA user_version = 1")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.count_stops() == 2
+        assert await store.enqueue_unknown_stop("ch-3", "res-3", T0, 3) == "queued"
+        assert await store.enqueue_unknown_stop("ch-4", "res-4", T0, 3) == "full"
+    finally:
+        await store.close()
