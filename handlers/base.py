@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
@@ -54,6 +55,32 @@ def bearer_token(request: httputil.HTTPServerRequest) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return None
+
+
+def basic_password(request: httputil.HTTPServerRequest) -> str | None:
+    """The password of HTTP Basic auth, whatever the user name: `requests` turns the user-info
+    of a base URL (`https://mrm:KEY@push.example`) into this, so mrm_api's unchanged calls
+    can carry the API key."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic" or not encoded.strip():
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        return None
+    _user, colon, password = decoded.partition(":")
+    return password if colon and password else None
+
+
+def api_key_given(request: httputil.HTTPServerRequest) -> str:
+    """The API key a request presents: Bearer, X-Api-Key or a Basic password ("" for none)."""
+    return (
+        bearer_token(request)
+        or request.headers.get("X-Api-Key", "")
+        or basic_password(request)
+        or ""
+    )
 
 
 # Query arguments that hold tokens (the legacy routes' firebase_token, /ws's access_token).
@@ -175,14 +202,14 @@ class BaseHandler(web.RequestHandler):
                 raise ApiError(401, "unauthorized", "a valid API key is required")
         elif decision == "metrics":
             token = self.secrets.metrics_token
-            given = bearer_token(self.request) or ""
+            given = bearer_token(self.request) or basic_password(self.request) or ""
             if token is not None and not constant_time_in(given, (token,)):
                 raise ApiError(401, "unauthorized", "a valid metrics token is required")
         elif decision is None:  # pragma: no cover - the app refuses such routes at start
             raise ApiError(500, "no_auth_decision", "this route has no auth decision")
 
     def has_api_key(self) -> bool:
-        given = bearer_token(self.request) or self.request.headers.get("X-Api-Key", "")
+        given = api_key_given(self.request)
         return bool(given) and constant_time_in(given, self.secrets.api_keys)
 
     # -- input and output --------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from base64 import b64encode
+
 import pytest
 from tornado import web
 
@@ -9,7 +11,7 @@ from daemon.app import Service
 from handlers import RouteWithoutAuth, check_auth_decisions
 from handlers.base import BaseHandler
 from storage.base import StoreUnavailable
-from tests.fixtures import call, make_service  # noqa: F401  (fixture)
+from tests.fixtures import API_KEY, call, make_service  # noqa: F401  (fixture)
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -25,10 +27,8 @@ async def test_readyz_reports_each_check(make_service):
     # No Google credentials configured: said, not hidden.
     assert status == 503
     assert body["checks"]["storage"] == "ok"
-    assert body["checks"]["google"] == (
-        "RuntimeError: not configured: google.service_account_file is not set"
-    )
-    assert "not configured" in body["checks"]["fcm"]
+    assert body["checks"]["google"] == ("not configured: google.service_account_file is not set")
+    assert body["checks"]["fcm"] == "not configured: fcm.service_account_file is not set"
 
     async def fine() -> None:
         return None
@@ -75,6 +75,31 @@ async def test_metrics_token_when_set(make_service):
     assert status == 401 and body["error"]["code"] == "unauthorized"
     assert (await call(service, "GET", "/metrics", key="wrong"))[0] == 401
     assert (await call(service, "GET", "/metrics", key="metrics-secret-123"))[0] == 200
+    # Prometheus's basic_auth works too: any user name, the token as password.
+    basic = {"Authorization": "Basic " + b64encode(b"prometheus:metrics-secret-123").decode()}
+    assert (await call(service, "GET", "/metrics", key=None, headers=basic))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        ("Basic " + b64encode(f"mrm:{API_KEY}".encode()).decode(), 200),
+        ("Basic " + b64encode(f":{API_KEY}".encode()).decode(), 200),  # no user name
+        ("basic " + b64encode(f"any one:{API_KEY}".encode()).decode(), 200),
+        ("Basic " + b64encode(f"{API_KEY}:x".encode()).decode(), 401),  # key as the user
+        ("Basic " + b64encode(API_KEY.encode()).decode(), 401),  # no colon
+        ("Basic " + b64encode(b"mrm:").decode(), 401),
+        ("Basic !!not-base64!!", 401),
+        ("Basic " + b64encode(b"mrm:\xff\xfe").decode(), 401),  # not UTF-8
+        ("Basic", 401),
+    ],
+)
+@pytest.mark.gen_test(timeout=10)
+async def test_the_api_key_as_a_basic_password(make_service, authorization, status):
+    service = await make_service()
+    headers = {"Authorization": authorization}
+    got, body = await call(service, "GET", "/v1/rooms", key=None, headers=headers)
+    assert got == status, body
 
 
 @pytest.mark.gen_test(timeout=10)
