@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from daemon.origins import ANY, normal_origin, origin_problem
 
+NOTIFICATION_BODY_MAX = 256  # bytes of fcm.notification_body
 DEFAULT_ROOMS_QUERY = "{ allRooms { rooms { calendarId firebaseToken } } }"
 
 
@@ -153,6 +154,17 @@ class Fcm(Section):
         5, "", "SENDER_ID_MISMATCH tokens within 60 s that stop token dropping", ge=1
     )
     tombstone_days: int = key(30, "days", "how long a refused token stays out of refresh", ge=1)
+    notification_body: str | None = key(
+        None, "", 'also send notification.body (the old mrm_push sent "success"); none: data only'
+    )
+
+    @field_validator("notification_body")
+    @classmethod
+    def _body(cls, value: str | None) -> str | None:
+        # FCM's whole message stays under 4 KB; the data map already takes up to 3,500 bytes.
+        if value is not None and not 1 <= len(value.encode()) <= NOTIFICATION_BODY_MAX:
+            raise ValueError(f"must be 1-{NOTIFICATION_BODY_MAX} bytes")
+        return value
 
 
 class WebSocket(Section):
@@ -227,8 +239,12 @@ class Backend(Section):
     token_file: str | None = key(None, "path", "file holding the backend token", path=True)
     rooms_query: str = key(DEFAULT_ROOMS_QUERY, "", "GraphQL query listing the rooms")
     prune: bool = key(False, "", "remove rooms the backend no longer lists on refresh")
-    notify: bool = key(False, "", "send the mrmNotification mutation after each publication")
-    refresh_interval: Seconds = key(0, "seconds", "periodic refresh; 0 = only on request")
+    notify: bool = key(
+        True, "", "send the mrmNotification mutation after each publication (with backend.url)"
+    )
+    refresh_interval: Seconds = key(
+        3600, "seconds", "periodic refresh when backend.url is set; 0 = only on request"
+    )
     timeout: Timeout = key(10, "seconds", "one backend call at most")
     max_attempts: int = key(8, "", "attempts per notify before it is failed", ge=1)
 

@@ -49,8 +49,9 @@ def test_defaults_match_the_contract():
     assert (ws.max_connections, ws.max_subscriptions, ws.allowed_origins) == (20000, 1000, [])
     assert ws.send_buffer == 131072
     assert config.backend.rooms_query == "{ allRooms { rooms { calendarId firebaseToken } } }"
-    assert (config.backend.prune, config.backend.notify) == (False, False)
-    assert (config.backend.refresh_interval, config.backend.timeout) == (0, 10)
+    assert (config.backend.prune, config.backend.notify) == (False, True)
+    assert (config.backend.refresh_interval, config.backend.timeout) == (3600, 10)
+    assert config.backend.token is None and config.fcm.notification_body is None
     assert config.sync.poll_interval == 900 and config.logging.level == "info"
     assert loaded.secrets.api_keys == ()
     assert config.server.trusted_proxies == [] and config.auth.legacy_allow_from == []
@@ -150,6 +151,8 @@ def test_environment_values_are_yaml(tmp_path):
             "server.trusted_proxies ({file}): Input should",
         ),
         ("auth:\n  legacy_allow_from: [10.0.0.0/33]\n", {}, "'10.0.0.0/33' is not a CIDR"),
+        ("fcm:\n  notification_body: ''\n", {}, "fcm.notification_body ({file}): must be 1-256"),
+        ("fcm:\n  notification_body: " + "x" * 257 + "\n", {}, "must be 1-256 bytes"),
         ("auth:\n  subscribers: [{calendars: [a]}]\n", {}, "exactly one of token or token_file"),
         (
             "auth:\n  api_keys: [short]\n",

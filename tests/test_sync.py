@@ -607,7 +607,8 @@ async def test_a_notification_of_a_deleted_room_is_skipped_without_listing(env):
     [
         ({}, False),
         ({"notify": True}, False),  # nowhere to send it
-        ({"url": "http://127.0.0.1:1/graphql"}, False),  # not asked to notify
+        ({"url": "http://127.0.0.1:1/graphql", "notify": False}, False),  # told not to
+        ({"url": "http://127.0.0.1:1/graphql"}, True),  # notify is on by default
         ({"notify": True, "url": "http://127.0.0.1:1/graphql"}, True),
     ],
 )
