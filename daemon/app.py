@@ -22,9 +22,10 @@ from daemon.configfile import ConfigError, LoadedConfig, Secrets, local_url, pub
 from daemon.delivery import DeliveryWorker
 from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
-from daemon.google_calendar import GoogleCalendar
+from daemon.google_calendar import GoogleCalendar, GoogleError
 from daemon.logs import protect
 from daemon.metrics import OTHER, Metrics, method_label, status_label
+from daemon.readiness import NotReady, run_checks
 from daemon.redact import configured_secrets
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
@@ -38,7 +39,6 @@ from storage.base import Notification, Store, StoreConfigError, StoreError
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mrm_push.access")
 
-READINESS_TIMEOUT = 5.0
 CHANNEL_UPKEEP_INTERVAL = 15.0  # seconds between background channel retries and stop attempts
 FCM_THREADS = 8  # pyfcm sends and credential refreshes at once (firebase-admin sends are async)
 DELIVERY_DRAIN = 2.0  # seconds at shutdown for FCM attempts in flight
@@ -154,12 +154,16 @@ class Service:
             attempt_timeout=fcm.attempt_timeout,
             executor=self.fcm_executor,
             clock=self.clock,
+            notification_body=fcm.notification_body,
         )
 
     async def _google_ready(self) -> None:
         if self.google is None:
-            raise RuntimeError("not configured: google.service_account_file is not set")
-        await self.google.check()
+            raise NotReady("not configured: google.service_account_file is not set")
+        try:
+            await self.google.check()
+        except GoogleError as error:
+            raise NotReady(str(error)) from error
 
     def _add_periodic(self, name: str, work: Callable[[], Awaitable[Any]], interval: float) -> None:
         """Run `work` every `interval` seconds; a run still going when the next is due is not
@@ -309,22 +313,8 @@ class Service:
     # -- readiness ---------------------------------------------------------------------------
     async def readiness(self) -> dict[str, str]:
         """Run every check at once; "ok" or the reason it failed, by name."""
-
-        async def run(check: Callable[[], Awaitable[None]]) -> str:
-            try:
-                await asyncio.wait_for(check(), READINESS_TIMEOUT)
-            except TimeoutError:
-                return f"no answer within {READINESS_TIMEOUT:g} s"
-            except StoreError as error:
-                return str(error) or type(error).__name__
-            except Exception as error:  # a check's failure is its answer, whatever it is
-                return f"{type(error).__name__}: {error}"
-            return "ok"
-
-        names = list(self.readiness_checks)
-        results = await asyncio.gather(*(run(self.readiness_checks[n]) for n in names))
-        checks = dict(zip(names, results, strict=True))
-        self.metrics.ready.set(1 if all(r == "ok" for r in results) else 0)
+        checks = await run_checks(self.readiness_checks)
+        self.metrics.ready.set(1 if all(r == "ok" for r in checks.values()) else 0)
         return checks
 
     # -- access log and request metrics ------------------------------------------------------

@@ -45,6 +45,7 @@ from daemon.fcm import FcmSender, SendOutcome, shorten
 from daemon.fcm_hold import FcmHold
 from daemon.fcm_message import TTL_SECONDS, fcm_data
 from daemon.logs import short_token
+from daemon.readiness import NotReady
 from storage.base import Delivery, DeliveryState, Store
 
 __all__ = ["NOTIFY_MUTATION", "DeliveryWorker", "fcm_data"]
@@ -403,10 +404,10 @@ class DeliveryWorker:
     async def check(self) -> None:
         """For /readyz "fcm": raises with the reason when FCM cannot be used now."""
         if self.sender is None:
-            raise RuntimeError("not configured: fcm.service_account_file is not set")
+            raise NotReady("not configured: fcm.service_account_file is not set")
         problem = self.hold.problem()
         if problem is not None:
-            raise RuntimeError(problem)
+            raise NotReady(problem)
         await self.sender.check()
 
     async def expire(self, created_before: float) -> int:

@@ -18,6 +18,7 @@ import requests
 import requests.adapters
 
 from daemon.clock import Clock, SystemClock
+from daemon.readiness import NotReady
 
 DEFAULT_ENDPOINT = "https://fcm.googleapis.com"
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -199,8 +200,10 @@ class FirebaseAdminSender:
         *,
         clock: Clock | None = None,
         refresh_margin: float = REFRESH_MARGIN,
+        notification_body: str | None = None,
     ) -> None:
         self._file = service_account_file
+        self._notification_body = notification_body
         self._project_id = project_id
         self._url = fcm_url(endpoint, project_id)
         self._attempt_timeout = attempt_timeout
@@ -256,15 +259,15 @@ class FirebaseAdminSender:
         try:
             await self.start()
         except Exception as exc:
-            raise RuntimeError(f"could not load the service-account key: {exc}") from exc
+            raise NotReady(f"could not load the service-account key: {exc}") from exc
         try:
             await self._ensure_token()
         except TimeoutError:
-            raise RuntimeError(
+            raise NotReady(
                 f"no access token within {self._attempt_timeout:g} s from the token endpoint"
             ) from None
         except Exception as exc:
-            raise RuntimeError(f"could not get an access token: {exc}") from exc
+            raise NotReady(f"could not get an access token: {exc}") from exc
 
     async def _ensure_token(self) -> None:
         async with self._refresh_lock:
@@ -296,9 +299,12 @@ class FirebaseAdminSender:
             # 7.7 deprecates `token` for `fid` (installation ids); the tablets hand us
             # registration tokens, which FCM HTTP v1 takes as `message.token`.
             warnings.simplefilter("ignore", DeprecationWarning)
+            body = self._notification_body
             message = messaging.Message(
                 token=token,
                 data=data,
+                # fcm.notification_body: for tablet builds that read getNotification().
+                notification=messaging.Notification(body=body) if body is not None else None,
                 android=messaging.AndroidConfig(
                     priority="high", collapse_key=collapse_key, ttl=timedelta(seconds=ttl_seconds)
                 ),

@@ -36,6 +36,7 @@ from daemon.fcm import (
     fcm_url,
     shorten,
 )
+from daemon.readiness import NotReady
 
 T = TypeVar("T")
 
@@ -236,7 +237,9 @@ class PyFcmSender:
         *,
         clock: Clock | None = None,
         refresh_margin: float = REFRESH_MARGIN,
+        notification_body: str | None = None,
     ) -> None:
+        self._notification_body = notification_body
         self._slots = ThreadSlots(executor, pool_threads(executor))
         self._attempt_timeout = attempt_timeout
         self._backstop = BACKSTOP_PARTS * attempt_timeout + BACKSTOP_MARGIN
@@ -263,11 +266,11 @@ class PyFcmSender:
                 asyncio.shield(asyncio.wrap_future(job)), self._attempt_timeout + BACKSTOP_MARGIN
             )
         except TimeoutError:
-            raise RuntimeError(
+            raise NotReady(
                 f"no access token within {self._attempt_timeout:g} s from the token endpoint"
             ) from None
         except Exception as exc:
-            raise RuntimeError(f"could not get an access token: {exc}") from exc
+            raise NotReady(f"could not get an access token: {exc}") from exc
 
     async def send(
         self, token: str, data: dict[str, str], collapse_key: str, ttl_seconds: int
@@ -304,6 +307,7 @@ class PyFcmSender:
         try:
             payload = self._client.parse_payload(
                 fcm_token=token,
+                notification_body=self._notification_body,
                 data_payload=data,
                 android_config={
                     "priority": "high",

@@ -23,6 +23,7 @@ from daemon.emulator.fcm import FcmEmulator
 from daemon.fcm import make_sender
 from daemon.fcm_hold import MISMATCH_WINDOW, PROBE_INTERVAL
 from daemon.fcm_message import DATA_LIMIT, fcm_data
+from daemon.readiness import NotReady
 from storage.base import FINAL_DELIVERY_STATES, Delivery, Notification, Target
 from storage.sqlite import SqliteStore
 
@@ -566,7 +567,7 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     assert kept.last_error.startswith("held: SENDER_ID_MISMATCH breaker open")
     assert worker.dropped_tokens == 5
     assert len(breaker_log(caplog)) == 1 and breaker_log(caplog)[0].levelno == logging.ERROR
-    with pytest.raises(RuntimeError, match="SENDER_ID_MISMATCH breaker open"):
+    with pytest.raises(NotReady, match="SENDER_ID_MISMATCH breaker open"):
         await worker.check()
 
     # While open: FCM deliveries wait untouched (not even claimed), no token is dropped.
@@ -596,7 +597,7 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     assert emu.fcm.requests == attempts_before + 1
     assert (await delivery(store, second, good)).updated_at == second.published_at
     assert await worker.next_due() == probed_at + PROBE_INTERVAL
-    with pytest.raises(RuntimeError, match="last probe: SENDER_ID_MISMATCH"):
+    with pytest.raises(NotReady, match="last probe: SENDER_ID_MISMATCH"):
         await worker.check()
 
     # FCM accepts again (the project was put right): the next probe is sent and closes it.
@@ -679,7 +680,7 @@ async def test_a_404_without_an_error_code_holds_fcm_and_drops_no_token(
     assert all(d.next_attempt_at == opened_at + PROBE_INTERVAL for d in stored.deliveries)
     assert all("check fcm.endpoint" in d.last_error for d in stored.deliveries)
     assert (await store.get_room(CAL)).firebase_tokens == (TOKEN, TOKEN_B)
-    with pytest.raises(RuntimeError, match=r"FCM refused the project since .*HTTP 404"):
+    with pytest.raises(NotReady, match=r"FCM refused the project since .*HTTP 404"):
         await worker.check()
     opened = [r for r in caplog.records if r.getMessage() == "fcm_project_refused_hold_open"]
     assert len(opened) == 1
@@ -833,7 +834,7 @@ async def test_without_a_sender_fcm_deliveries_are_left_untouched_and_unready(
     await worker.stop(5)
     assert runner.done() and runner.exception() is None
     assert emu.fcm.requests == 0
-    with pytest.raises(RuntimeError, match="not configured"):
+    with pytest.raises(NotReady, match="not configured"):
         await worker.check()
 
 

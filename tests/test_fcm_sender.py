@@ -27,6 +27,7 @@ from daemon.fcm import (
     shorten,
 )
 from daemon.fcm_pyfcm import PyFcmSender
+from daemon.readiness import NotReady
 
 PROJECT = "mrm-push-test"
 TOKEN = "dGVzdC10YWJsZXQ:APA91bFakeTokenForTheEmulator_0123456789"
@@ -144,6 +145,23 @@ async def test_send_arrives_with_exact_fields(backend, emu, senders):
     }
     assert outcome.message_id == received["name"]
     assert emu.fcm.attempts(TOKEN) == 1
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_notification_body_goes_beside_the_same_data(backend, emu, senders):
+    # fcm.notification_body: the old mrm_push's notification message, for tablet builds that
+    # read getNotification(); the data message is unchanged.
+    sender = senders(backend, emu, notification_body="success")
+    await sender.start()
+    outcome = await send(sender)
+    assert outcome.kind == "sent", outcome
+    [received] = await emu.fcm.wait_for(TOKEN, 1, timeout=5)
+    assert received["message"] == {
+        "token": TOKEN,
+        "notification": {"body": "success"},
+        "data": DATA,
+        "android": {"priority": "high", "collapse_key": CALENDAR, "ttl": "3600s"},
+    }
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -347,7 +365,7 @@ async def test_check_names_the_reason_and_send_retries(backend, start_emulator, 
     )
     emu.key_file = stranger  # a key the OAuth emulator does not know
     sender = senders(backend, emu)
-    with pytest.raises(RuntimeError, match="could not get an access token"):
+    with pytest.raises(NotReady, match="could not get an access token"):
         await sender.check()
     outcome = await send(sender)
     assert outcome.kind == "retry"
@@ -360,7 +378,7 @@ async def test_missing_key_file(backend, emu, senders, tmp_path):
     sender = senders(backend, emu)
     with pytest.raises(Exception):  # noqa: B017 - whatever the library raises for it
         await sender.start()
-    with pytest.raises(RuntimeError, match="could not"):
+    with pytest.raises(NotReady, match="could not"):
         await sender.check()
     assert (await send(sender)).kind == "retry"
 

@@ -254,3 +254,18 @@ async def test_fcm_deliveries_left_by_an_older_version_expire_by_retention(
     assert await service.purge() == 1
     assert (await call(service, "GET", "/v1/notifications"))[1]["notifications"] == []
     assert await service.store.count_deliveries() == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_notification_body_reaches_the_tablet_beside_the_data(make_service, emulator, clock):
+    # fcm.notification_body: what the old mrm_push sent (a notification message whose body was
+    # "success"), for tablet builds that still read getNotification().
+    service = await make_service(
+        {"fcm": {"notification_body": "success"}}, clock=clock, emulator=emulator
+    )
+    await call(service, "PUT", PATH, {"firebase_tokens": [TABLET]})
+    await emulator.google.drain()
+    emulator.google.insert_event(ROOM, summary="Standup")
+    [message] = await emulator.fcm.wait_for(TABLET, 1, 10)
+    assert message["message"]["notification"] == {"body": "success"}
+    assert message["message"]["data"]["type"] == "calendar_changed"
