@@ -143,7 +143,13 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable (with the reason) unless a round trip to the database works."""
+        """Raise StoreUnavailable (with the reason) unless a round trip to the database works.
+        SQLite also raises while the file at the path is no longer the one opened (deleted or
+        replaced) and while the last write failed (disk full: it then tries a 64 KiB write)."""
+
+    async def maintain(self) -> None:
+        """Periodic housekeeping. SQLite: checkpoint the WAL into the database and truncate
+        it, so that it cannot grow until the disk is full; MongoDB: nothing."""
 
     async def store_epoch(self) -> str:
         """A random id made once when the store was created."""

@@ -268,6 +268,9 @@ class MongoStore:
         async with self._op() as db:
             await db.command("ping")
 
+    async def maintain(self) -> None:
+        """MongoDB keeps its own files: nothing to do."""
+
     async def store_epoch(self) -> str:
         if self._epoch is None:
             async with self._op() as db:
