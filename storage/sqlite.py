@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from storage import sqlite_health
+from storage import sqlite_health, sqlite_lease
 from storage.base import (
     CHANNEL_STATES,
     Channel,
@@ -24,6 +24,7 @@ from storage.base import (
     DeliveryState,
     DuplicateChannel,
     DuplicateNotification,
+    Lease,
     Notification,
     NotificationSource,
     ResourceState,
@@ -141,7 +142,7 @@ async def _migration_1(db: aiosqlite.Connection) -> None:
 
 
 # Applied in order, each in its own transaction; later changes append steps, never edit one.
-MIGRATIONS: list[Migration] = [_migration_1]
+MIGRATIONS: list[Migration] = [_migration_1, sqlite_lease.migration]
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -413,6 +414,23 @@ class SqliteStore:
                 await sqlite_health.probe_writes(db, self._writes)
             else:
                 await sqlite_health.checkpoint(db)
+
+    # -- leases ------------------------------------------------------------------------------
+    async def acquire_lease(self, lease: Lease, now: float) -> Lease:
+        async with self._transaction() as db:
+            return await sqlite_lease.acquire(db, lease, now)
+
+    async def renew_lease(self, name: str, holder: str, until: float) -> Lease | None:
+        async with self._transaction() as db:
+            return await sqlite_lease.renew(db, name, holder, until)
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        async with self._session() as db:
+            return await sqlite_lease.release(db, name, holder)
+
+    async def get_lease(self, name: str) -> Lease | None:
+        async with self._session() as db:
+            return await sqlite_lease.get(db, name)
 
     async def store_epoch(self) -> str:
         self._connection()
