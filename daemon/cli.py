@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon.configfile import ConfigError, LoadedConfig, describe, load_config, warnings
+from daemon.lease import InstanceRunning
 from daemon.logs import setup_logging
 from daemon.sdnotify import SdNotifier
 from storage.base import StoreConfigError
@@ -19,6 +20,7 @@ from storage.base import StoreConfigError
 log = logging.getLogger("mrm_push")
 
 EXIT_CONFIG = 2
+EXIT_FAILURE = 1  # anything else that stops the service: systemd starts it again
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +93,11 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
         return EXIT_CONFIG
     try:
         await service.start()
+    except InstanceRunning as error:
+        # Not a configuration error: once the other instance stops, this one can start.
+        print(f"mrm-push: cannot start: {error}", file=sys.stderr)
+        await service.store.close()
+        return EXIT_FAILURE
     except (StoreConfigError, OSError) as error:
         print(f"mrm-push: cannot start: {error}", file=sys.stderr)
         await service.store.close()
@@ -101,7 +108,7 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
         print(emulator_run.demo_instructions(service.base_url, emulator, demo), flush=True)
     notifier.notify("READY=1")
     watchdog = _start_watchdog(notifier)
-    await stop_requested.wait()
+    await _stop_or_lease_lost(stop_requested, service.lease_lost)
     log.info("shutting_down", extra={"timeout": loaded.config.server.shutdown_timeout})
     notifier.notify("STOPPING=1")
     if watchdog is not None:
@@ -112,7 +119,17 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
         log.error("shutdown_timed_out", extra={"timeout": loaded.config.server.shutdown_timeout})
     if emulator is not None:
         emulator.stop()
-    return 0
+    return EXIT_FAILURE if service.lease_lost.is_set() else 0
+
+
+async def _stop_or_lease_lost(stop_requested: asyncio.Event, lease_lost: asyncio.Event) -> None:
+    """Until SIGTERM/SIGINT, or until another instance has taken the store's lease."""
+    waits = [asyncio.ensure_future(event.wait()) for event in (stop_requested, lease_lost)]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _start_watchdog(notifier: SdNotifier) -> asyncio.Task[None] | None:
