@@ -186,8 +186,9 @@ def _notification(doc: Doc, deliveries: tuple[Delivery, ...] = ()) -> Notificati
 
 
 class MongoStore:
-    """The `Store` on MongoDB. One process per site uses it (the contract says so): publication
-    is serialised by an in-process lock, see `publish_notification`."""
+    """The `Store` on MongoDB. One process per site uses it (the instance lease sees to it, see
+    daemon/lease.py): publication is serialised by an in-process lock, see
+    `publish_notification`."""
 
     def __init__(
         self,
