@@ -23,6 +23,7 @@ from daemon.delivery import DeliveryWorker
 from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
 from daemon.google_calendar import GoogleCalendar, GoogleError
+from daemon.lease import InstanceLease, InstanceRunning, LeaseLost
 from daemon.logs import protect
 from daemon.metrics import OTHER, Metrics, method_label, status_label
 from daemon.readiness import NotReady, run_checks
@@ -34,7 +35,7 @@ from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
 from handlers.edge import EdgeApplication, RefusedHandler, TrustedProxies
 from storage import make_store
-from storage.base import Notification, Store, StoreConfigError, StoreError
+from storage.base import Notification, Store, StoreConfigError, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mrm_push.access")
@@ -43,6 +44,7 @@ CHANNEL_UPKEEP_INTERVAL = 15.0  # seconds between background channel retries and
 FCM_THREADS = 8  # pyfcm sends and credential refreshes at once (firebase-admin sends are async)
 DELIVERY_DRAIN = 2.0  # seconds at shutdown for FCM attempts in flight
 PURGE_INTERVAL = 3600.0  # seconds between retention purges
+STORE_MAINTENANCE_INTERVAL = 60.0  # seconds between store housekeeping runs (SQLite: the WAL)
 
 
 class Service:
@@ -61,6 +63,11 @@ class Service:
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store: Store = store or _make_store(self.config)
+        # Wall time, whatever the service's clock: other processes read the lease too.
+        self.instance_lease = InstanceLease(
+            self.store, self.config.storage.lease_seconds, SystemClock()
+        )
+        self.lease_lost = asyncio.Event()  # `serve` stops and exits 1 when it is set
         self.google = self._make_google()
         self.channels = ChannelManager(self.store, self.google, self.clock, self.config)
         self.rooms = Rooms(self.store, self.channels, self.clock)
@@ -92,12 +99,14 @@ class Service:
         ]
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {
-            "storage": self.store.ping,
+            "storage": self._storage_ready,
             "google": self._google_ready,
             "fcm": self.delivery.check,
         }
         self.periodic: dict[str, PeriodicCallback] = {}
         self._periodic_work: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+        self._add_periodic("lease", self.keep_lease, self.instance_lease.renew_interval)
+        self._add_periodic("store_maintenance", self.store.maintain, STORE_MAINTENANCE_INTERVAL)
         self._add_periodic(
             "renew", self.channels.renew_due, self.config.google.renew_check_interval
         )
@@ -157,6 +166,13 @@ class Service:
             notification_body=fcm.notification_body,
         )
 
+    async def _storage_ready(self) -> None:
+        await self.store.ping()
+        if self.lease_lost.is_set():
+            raise StoreUnavailable("the instance lease was taken by another instance: stopping")
+        if self.instance_lease.held is None:
+            raise StoreUnavailable("the instance lease is not held yet: no work is done")
+
     async def _google_ready(self) -> None:
         if self.google is None:
             raise NotReady("not configured: google.service_account_file is not set")
@@ -171,7 +187,7 @@ class Service:
         running: set[str] = set()
 
         async def run() -> None:
-            if name in running or self.stopping:
+            if name in running or self.stopping or self.lease_lost.is_set():
                 return
             running.add(name)
             try:
@@ -235,12 +251,19 @@ class Service:
 
     # -- life --------------------------------------------------------------------------------
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
-        """Open the store (a store that cannot work is a ConfigError on storage.url) and
-        listen on `sockets` (bound here when not given)."""
+        """Open the store (a store that cannot work is a ConfigError on storage.url), take
+        the instance lease (a live holder's raises InstanceRunning), listen on `sockets` (bound
+        here when not given), then pick up work."""
         try:
             await self.store.open()
         except StoreConfigError as error:
             raise _store_config_error(error) from None
+        try:
+            # Before any recovery: release_claims would take back a live instance's claims.
+            await self.instance_lease.acquire()
+        except StoreError as error:
+            # The database is down: listen (and say unready); the lease task keeps trying.
+            log.warning("instance_lease_postponed", extra={"reason": str(error)})
         await self.fanout.start()
         server = self.config.server
         self.sockets = sockets or bind_sockets(server.port, server.host)
@@ -253,11 +276,39 @@ class Service:
             idle_connection_timeout=60,
         )
         self.server.add_sockets(self.sockets)
+        self.periodic["lease"].start()
+        if self.instance_lease.held is not None:
+            await self._begin_work()
+        log.info("listening", extra={"host": server.host, "port": self.port})
+
+    async def _begin_work(self) -> None:
+        """The lease is ours: pick up the previous run's work, start the delivery worker and
+        the periodic tasks."""
         await self._recover()
         self._delivery_task = asyncio.get_running_loop().create_task(self.delivery.run())
-        for callback in self.periodic.values():
-            callback.start()
-        log.info("listening", extra={"host": server.host, "port": self.port})
+        for name, callback in self.periodic.items():
+            if name != "lease":
+                callback.start()
+
+    async def keep_lease(self) -> None:
+        """Periodic: renew the lease, or take it when the start could not (database down)."""
+        lease = self.instance_lease
+        try:
+            if lease.held is not None:
+                await lease.renew()
+            elif await lease.try_acquire():
+                await self._begin_work()
+        except (InstanceRunning, LeaseLost) as error:
+            self._lost_lease(str(error))
+        except StoreError as error:
+            log.warning("instance_lease_renewal_failed", extra={"reason": str(error)})
+
+    def _lost_lease(self, reason: str) -> None:
+        """Another instance works on this store now: no periodic task runs from here on, and
+        `serve` stops the service at once and exits 1 (systemd starts it again, and the new
+        run waits for the lease like any start)."""
+        log.error("instance_lease_lost", extra={"reason": reason})
+        self.lease_lost.set()
 
     async def _recover(self) -> None:
         """Pick up what a previous run left (claims, channels in flight, unsynced
@@ -307,6 +358,10 @@ class Service:
             await self.server.close_all_connections()
         if self.google is not None:
             self.google.close()
+        try:
+            await self.instance_lease.release()
+        except StoreError as error:
+            log.warning("instance_lease_not_released", extra={"reason": str(error)})
         await self.store.close()
         log.info("stopped")
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from daemon.configcheck import key_file_errors, warnings
 from daemon.configfile import ConfigError, LoadedConfig, describe, load_config
+from daemon.lease import InstanceRunning
 from daemon.listen import StartError, listen
 from daemon.logs import setup_logging
 from daemon.sdnotify import SdNotifier
@@ -119,6 +120,9 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
         return config_failure(error)
     except StartError as error:
         return start_failure(error)
+    except InstanceRunning as error:
+        # Not a configuration error: once the other instance stops, this one can start.
+        return start_failure(StartError(f"cannot start: {error}"))
     except Exception as error:  # unforeseen: one line too, the traceback in a JSON log line
         log.exception("start_failed")
         return start_failure(StartError(f"cannot start: {type(error).__name__}: {error}"))
@@ -170,7 +174,7 @@ async def run_until_stopped(
     notifier = SdNotifier()
     notifier.notify("READY=1")
     watchdog = _start_watchdog(notifier)
-    await stop_requested.wait()
+    await _stop_or_lease_lost(stop_requested, service.lease_lost)
     log.info("shutting_down", extra={"timeout": drain_limit})
     notifier.notify("STOPPING=1")
     if watchdog is not None:
@@ -181,7 +185,17 @@ async def run_until_stopped(
         log.error("shutdown_timed_out", extra={"timeout": drain_limit})
     if demo is not None:
         demo.stop()
-    return 0
+    return EXIT_RUNTIME if service.lease_lost.is_set() else 0
+
+
+async def _stop_or_lease_lost(stop_requested: asyncio.Event, lease_lost: asyncio.Event) -> None:
+    """Until SIGTERM/SIGINT, or until another instance has taken the store's lease."""
+    waits = [asyncio.ensure_future(event.wait()) for event in (stop_requested, lease_lost)]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _abandon(

@@ -102,6 +102,13 @@ class Storage(Section):
         "motor", "", "motor, or pymongo for its AsyncMongoClient"
     )
     retention_days: int = key(14, "days", "published notifications are kept this long", ge=1)
+    lease_seconds: int = key(
+        15,
+        "seconds",
+        "instance lease, renewed every third of it; a killed instance's is taken over after it",
+        ge=1,
+        le=3600,
+    )
 
     @field_validator("url")
     @classmethod

@@ -132,6 +132,19 @@ class Notification:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A named lease in the store: who holds it (a random id per process run, with its host
+    and pid for people), since when, and until when unless renewed."""
+
+    name: str
+    holder: str
+    host: str
+    pid: int
+    since: float
+    until: float
+
+
+@dataclass(frozen=True)
 class NotificationPage:
     notifications: list[Notification]
     store_epoch: str
@@ -148,10 +161,36 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable (with the reason) unless a round trip to the database works."""
+        """Raise StoreUnavailable (with the reason) unless a round trip to the database works.
+        SQLite also raises while the file at the path is no longer the one opened (deleted or
+        replaced) and while the last write failed (disk full: it then tries a 64 KiB write)."""
+
+    async def maintain(self) -> None:
+        """Periodic housekeeping. SQLite: checkpoint the WAL into the database and truncate
+        it, so that it cannot grow until the disk is full; MongoDB: nothing."""
 
     async def store_epoch(self) -> str:
         """A random id made once when the store was created."""
+
+    # -- leases ------------------------------------------------------------------------------
+    # Each call decides atomically, against other processes on the same store too. A holder id
+    # is random per process run; leases are compared by holder only (host and pid are for
+    # people). Times are the callers' clocks: wall time, the same for every process.
+    async def acquire_lease(self, lease: Lease, now: float) -> Lease:
+        """Take `lease.name` for `lease.holder` until `lease.until` when nobody holds it, when
+        its lease has expired (until <= now), or when it is `lease.holder`'s already (then only
+        until, host and pid change; since is kept). Returns the lease as stored afterwards:
+        ours when taken, else the current holder's, unchanged."""
+
+    async def renew_lease(self, name: str, holder: str, until: float) -> Lease | None:
+        """Extend `holder`'s lease to `until`, only while `holder` still holds it (even if it
+        has expired: nobody else took it then). Returns the lease as stored afterwards (the
+        other holder's, unchanged, when refused), None when nobody holds it."""
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        """Drop the lease if `holder` holds it; False (and nothing changes) otherwise."""
+
+    async def get_lease(self, name: str) -> Lease | None: ...
 
     # -- rooms and tokens --------------------------------------------------------------------
     async def get_room(self, calendar_id: str) -> Room | None: ...

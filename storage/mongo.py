@@ -22,6 +22,7 @@ from typing import Any, cast
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from storage import mongo_lease
 from storage.base import (
     Channel,
     ChannelState,
@@ -30,6 +31,7 @@ from storage.base import (
     DeliveryState,
     DuplicateChannel,
     DuplicateNotification,
+    Lease,
     Notification,
     NotificationSource,
     ResourceState,
@@ -187,8 +189,9 @@ def _notification(doc: Doc, deliveries: tuple[Delivery, ...] = ()) -> Notificati
 
 
 class MongoStore:
-    """The `Store` on MongoDB. One process per site uses it (the contract says so): publication
-    is serialised by an in-process lock, see `publish_notification`."""
+    """The `Store` on MongoDB. One process per site uses it (the instance lease sees to it, see
+    daemon/lease.py): publication is serialised by an in-process lock, see
+    `publish_notification`."""
 
     def __init__(
         self,
@@ -270,6 +273,26 @@ class MongoStore:
     async def ping(self) -> None:
         async with self._op() as db:
             await db.command("ping")
+
+    async def maintain(self) -> None:
+        """MongoDB keeps its own files: nothing to do."""
+
+    # -- leases --------------------------------------------------------------------------------
+    async def acquire_lease(self, lease: Lease, now: float) -> Lease:
+        async with self._op() as db:
+            return await mongo_lease.acquire(db, lease, now)
+
+    async def renew_lease(self, name: str, holder: str, until: float) -> Lease | None:
+        async with self._op() as db:
+            return await mongo_lease.renew(db, name, holder, until)
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        async with self._op() as db:
+            return await mongo_lease.release(db, name, holder)
+
+    async def get_lease(self, name: str) -> Lease | None:
+        async with self._op() as db:
+            return await mongo_lease.get(db, name)
 
     async def store_epoch(self) -> str:
         if self._epoch is None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
+from storage import sqlite_health, sqlite_lease
 from storage.base import (
     CHANNEL_STATES,
     Channel,
@@ -23,6 +24,7 @@ from storage.base import (
     DeliveryState,
     DuplicateChannel,
     DuplicateNotification,
+    Lease,
     Notification,
     NotificationSource,
     ResourceState,
@@ -35,12 +37,19 @@ from storage.base import (
     Target,
     TargetKind,
 )
+from storage.sqlite_health import FileIdentity, WriteHealth
 
 Params = Sequence[Any]
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
 
 # Error codes that mean "try again later" rather than "this call is wrong".
-_TRANSIENT_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+_TRANSIENT_ERRORS = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_FULL",
+)
 _FINISH_STATES = frozenset({"pending", "sent", "failed", "cancelled"})
 _CHANNEL_FIELDS = frozenset(f.name for f in dataclasses.fields(Channel)) - {
     "id",
@@ -158,7 +167,7 @@ async def _migration_2(db: aiosqlite.Connection) -> None:
 
 
 # Applied in order, each in its own transaction; later changes append steps, never edit one.
-MIGRATIONS: list[Migration] = [_migration_1, _migration_2]
+MIGRATIONS: list[Migration] = [_migration_1, _migration_2, sqlite_lease.migration]
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -307,6 +316,8 @@ class SqliteStore:
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._epoch: str | None = None
+        self._file = FileIdentity(os.path.abspath(path))
+        self._writes = WriteHealth(path)
 
     # -- plumbing ----------------------------------------------------------------------------
     def _connection(self) -> aiosqlite.Connection:
@@ -319,9 +330,11 @@ class SqliteStore:
         """The connection to ourselves, for reads and single-statement (autocommit) writes."""
         async with self._lock:
             db = self._connection()
+            self._file.check()
             try:
                 yield db
             except sqlite3.Error as exc:
+                self._writes.failed(exc)
                 raise _store_error(exc) from exc
 
     @asynccontextmanager
@@ -330,6 +343,7 @@ class SqliteStore:
         cannot go stale before its write."""
         async with self._lock:
             db = self._connection()
+            self._file.check()
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 yield db
@@ -343,6 +357,7 @@ class SqliteStore:
                 except sqlite3.Error:
                     pass
                 if isinstance(exc, sqlite3.Error):
+                    self._writes.failed(exc)
                     raise _store_error(exc) from exc
                 raise
 
@@ -382,6 +397,7 @@ class SqliteStore:
             # FULL: in WAL mode NORMAL may lose the last commits on power loss, and a webhook
             # answered 200 must stay stored; one fsync per commit is cheap at our write rate.
             await db.execute("PRAGMA synchronous = FULL")
+            await sqlite_health.bound_wal(db)
             await self._migrate(db)
             # Prove we can write (a read-only file or directory opens fine and fails later).
             await db.execute("BEGIN IMMEDIATE")
@@ -395,6 +411,7 @@ class SqliteStore:
             raise
         assert epoch is not None
         self._epoch = str(epoch[0])
+        self._file.remember()
         self._db = db
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
@@ -428,8 +445,36 @@ class SqliteStore:
         try:
             async with self._session() as db:
                 await db.execute_fetchall("SELECT 1")
+                if self._writes.failure is not None:
+                    await sqlite_health.probe_writes(db, self._writes)
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from exc
+        if self._writes.failure is not None:
+            raise StoreUnavailable(self._writes.reason())
+
+    async def maintain(self) -> None:
+        async with self._session() as db:
+            if self._writes.failure is not None:
+                await sqlite_health.probe_writes(db, self._writes)
+            else:
+                await sqlite_health.checkpoint(db)
+
+    # -- leases ------------------------------------------------------------------------------
+    async def acquire_lease(self, lease: Lease, now: float) -> Lease:
+        async with self._transaction() as db:
+            return await sqlite_lease.acquire(db, lease, now)
+
+    async def renew_lease(self, name: str, holder: str, until: float) -> Lease | None:
+        async with self._transaction() as db:
+            return await sqlite_lease.renew(db, name, holder, until)
+
+    async def release_lease(self, name: str, holder: str) -> bool:
+        async with self._session() as db:
+            return await sqlite_lease.release(db, name, holder)
+
+    async def get_lease(self, name: str) -> Lease | None:
+        async with self._session() as db:
+            return await sqlite_lease.get(db, name)
 
     async def store_epoch(self) -> str:
         self._connection()

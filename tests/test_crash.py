@@ -45,6 +45,12 @@ class ServiceProcess:
 
     async def start(self) -> Event:
         """Start a run and wait for its `listening` line; returns the `recovered` line."""
+        await self.spawn()
+        await self.wait_event("listening", START_TIMEOUT)
+        return await self.wait_event("recovered", 0)  # logged just before `listening`
+
+    async def spawn(self) -> None:
+        """Start a run, without waiting for anything."""
         assert self.process is None or self.process.returncode is not None
         self.runs += 1
         self.events = []
@@ -62,8 +68,6 @@ class ServiceProcess:
             limit=2**20,
         )
         self._reader = asyncio.get_running_loop().create_task(self._read(self.process))
-        await self.wait_event("listening", START_TIMEOUT)
-        return await self.wait_event("recovered", 0)  # logged just before `listening`
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None
@@ -126,10 +130,15 @@ class ServiceProcess:
     async def _end(self, signum: int, expect: int) -> None:
         assert self.process is not None and self.process.returncode is None, self.tail()
         self.process.send_signal(signum)
-        code = await asyncio.wait_for(self.process.wait(), WAIT)
-        assert self._reader is not None
-        await asyncio.wait_for(self._reader, WAIT)
+        code = await self.exited()
         assert code == expect, f"exit code {code}, wanted {expect}\n{self.tail()}"
+
+    async def exited(self, limit: float = WAIT) -> int:
+        """The run's exit code, once it has ended and its log has been read to the end."""
+        assert self.process is not None and self._reader is not None
+        code = await asyncio.wait_for(self.process.wait(), limit)
+        await asyncio.wait_for(self._reader, WAIT)
+        return code
 
     async def cleanup(self) -> None:
         """Whatever happened: no child left behind, its pipe read to the end."""
@@ -165,7 +174,8 @@ def service(io_loop, real_emulator, tmp_path) -> Iterator[ServiceProcess]:
         {
             # The same port every run: Google's channels keep the address they were made with.
             "server": {"port": port, "public_url": f"http://127.0.0.1:{port}"},
-            "storage": {"url": f"sqlite:///{tmp_path / 'crash.sqlite3'}"},
+            # A short instance lease: a restart after SIGKILL waits for the dead run's lease.
+            "storage": {"url": f"sqlite:///{tmp_path / 'crash.sqlite3'}", "lease_seconds": 1},
             "logging": {"level": "info"},
         }
     )

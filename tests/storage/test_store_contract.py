@@ -31,6 +31,18 @@ async def test_ping_answers_and_epoch_is_stable(store, backend):
         await again.close()
 
 
+@pytest.mark.gen_test(timeout=10)
+async def test_maintain_keeps_everything(store):
+    await store.put_room("cal-1", "Kampala", ["t1"], T0)
+    await publish_new(store, "cal-1", [Target("fcm", "t1")], T0)
+    await store.maintain()  # SQLite: the WAL checkpointed and truncated; MongoDB: nothing
+    await store.ping()
+    assert (await store.get_room("cal-1")).firebase_tokens == ("t1",)
+    assert await store.last_seq() == 1
+    await store.put_room("cal-2", "Jinja", [], T0)
+    assert len(await store.list_rooms()) == 2
+
+
 # -- rooms and tokens ------------------------------------------------------------------------
 
 
