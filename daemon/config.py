@@ -227,7 +227,7 @@ class Auth(Section):
 
     api_keys: list[str] = key([], "", "API keys for the management API", secret=True)
     api_keys_file: str | None = key(None, "path", "file with one API key per line", path=True)
-    subscribers: list[Subscriber] = key([], "", "WebSocket subscriber tokens (contract 5)")
+    subscribers: list[Subscriber] = key([], "", "WebSocket subscriber tokens (docs/protocol.md)")
     legacy_allow_from: list[str] = key([], "", "CIDRs allowed on legacy routes without a key")
     metrics_token: str | None = key(None, "", "Bearer token required for /metrics", secret=True)
     metrics_token_file: str | None = key(None, "path", "file holding metrics_token", path=True)
