@@ -182,6 +182,20 @@ class BaseHandler(web.RequestHandler):
         self._body_parts = []
         self._body_size = 0
         await self.authenticate()
+        self.check_query_text()
+
+    def check_query_text(self) -> None:
+        """Every query argument UTF-8 text, refused before the handler runs: an argument read
+        late (a flag read for the answer) must not fail after the store has changed."""
+        for name, values in self.request.query_arguments.items():
+            for value in values:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    shown = name if len(name) <= 64 else name[:61] + "..."
+                    raise ApiError(
+                        400, "invalid_query", f"query argument {shown!r} is not UTF-8 text"
+                    ) from None
 
     def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         self._body_size += len(chunk)
@@ -252,15 +266,11 @@ class BaseHandler(web.RequestHandler):
         get_query_argument(), which strips and turns control characters into spaces, so that a
         bad id is refused instead of read as another one."""
         raw = self.request.query_arguments.get(name)
-        if not raw:
-            return None
-        try:
-            return raw[-1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, f"invalid_{name}", f"{name} is not UTF-8 text") from None
+        # UTF-8: check_query_text() has refused anything else before the handler ran.
+        return raw[-1].decode("utf-8") if raw else None
 
     def flag_arg(self, name: str) -> bool:
-        return self.get_query_argument(name, "0") in ("1", "true", "yes")
+        return self.str_arg(name) in ("1", "true", "yes")
 
     def write_json(self, value: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -91,6 +91,10 @@ QUERIES: list[tuple[str, str]] = [
     ("DELETE", "/delete_room?calendar_id=%ED%A0%80"),
     ("DELETE", "/delete_room?calendar_id=.."),
     ("GET", "/refresh?dry_run=%ED%A0%80"),
+    # A flag read only after the store was changed must still refuse first.
+    ("GET", "/add_room?calendar_id=" + quote(ROOM) + "&full=%FF"),
+    ("PUT", PATH + "?full=%FF"),
+    ("GET", "/add_room?calendar_id=" + quote(ROOM) + "&other=%FF"),
 ]
 
 # Content-Length values Tornado or our own prepare() cannot take, on every kind of route.

@@ -301,9 +301,7 @@ def test_the_code_scan_finds_every_kind():
         "invalid_after",
         "invalid_limit",
         "invalid_calendar_id",
-        "invalid_firebase_token",
-        "invalid_dry_run",
-        "invalid_allow_prune",
+        "invalid_query",
     }
     assert expected <= codes
     assert all(CODE.fullmatch(code) for code in codes)
@@ -320,8 +318,8 @@ async def test_protocol_names_the_codes_tornado_makes(make_service):
     """Codes no source line spells: Tornado's own errors in our shape (the status's name)."""
     service = await make_service()
     made = []
-    for method, path in (("GET", "/notifications"), ("GET", "/v1/rooms?full=%FF")):
-        status, body = await call(service, method, path)
+    for method, path in (("GET", "/notifications"), ("GET", "/ws?access_token=%FF")):
+        status, body = await call(service, method, path, key=None)
         assert 400 <= status < 500
         made.append(body["error"]["code"])
     assert made == ["method_not_allowed", "bad_request"]
