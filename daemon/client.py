@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.simple_httpclient import HTTPTimeoutError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 CONNECT_TIMEOUT = 5.0  # seconds; the request timeout is the command's --timeout
@@ -118,7 +119,9 @@ class ApiClient:
         )
         try:
             response = await self._http.fetch(request, raise_error=False)
-        except HTTPClientError as error:  # no HTTP answer (599): a timeout, a cut connection
+        except HTTPTimeoutError:
+            raise Unreachable(self.base_url, f"no answer within {self.timeout:g} s") from None
+        except HTTPClientError as error:  # no HTTP answer (599): a cut connection
             raise Unreachable(self.base_url, error.message or str(error)) from None
         except OSError as error:  # refused, unknown host, TLS
             raise Unreachable(self.base_url, error.strerror or str(error)) from None

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import optables
 from daemon.client import ServiceError, UsageError, path_of
+from daemon.ids import TOKEN_RULE, valid_token
 
 if TYPE_CHECKING:
     from daemon.opcli import Context
@@ -118,7 +119,11 @@ async def rooms_show(context: Context) -> int:
 
 async def rooms_add(context: Context) -> int:
     """PUT the room (its name when given), then add each token: never removes one."""
-    args, api = context.args, context.api
+    args = context.args
+    for token in args.token:  # checked before anything is written
+        if not valid_token(token):
+            raise UsageError(f"--token: {TOKEN_RULE}")
+    api = context.api
     room_path = path_of("v1", "rooms", args.calendar_id)
     body = {} if args.name is None else {"name": args.name}
     answer = await api.call("PUT", room_path, body=body)

@@ -232,6 +232,10 @@ async def test_status_of_an_unready_service_exits_1_with_the_reasons(make_servic
 async def test_exit_codes(make_service, key_file, tmp_path):
     service = await make_service()
     port = closed_port()
+    silent = socket.socket()  # takes connections (the kernel does), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
     (tmp_path / "v6").mkdir()
     ipv6 = write_config(tmp_path / "v6", {"server": {"host": "::1", "port": port}})
     results = await asyncio.gather(
@@ -248,9 +252,12 @@ async def test_exit_codes(make_service, key_file, tmp_path):
         run_cli("rooms", "list", "--url", "ftp://example.com"),
         run_cli("rooms", "list", "--url", service.base_url, "--api-key-file", "/nonexistent"),
         run_cli("rooms", "list", "--config", str(tmp_path / "absent.yaml")),
+        run_cli("rooms", "add", "r@x", "--token", "bad token", *at(service, key_file)),
         run_cli("--version"),
+        run_cli("rooms", "list", "--url", silent_url, "--timeout", "0.5"),
     )
-    unreachable, unreachable_v6, no_key, wrong_key, *usage, version = results
+    silent.close()
+    unreachable, unreachable_v6, no_key, wrong_key, *usage, version, timed_out = results
     assert unreachable.code == 1
     assert (
         one_line(unreachable)
@@ -270,6 +277,12 @@ async def test_exit_codes(make_service, key_file, tmp_path):
         "mrm-push: --api-key-file: cannot read /nonexistent (No such file or directory)"
     )
     assert one_line(usage[6]).startswith("mrm-push: config: ")
+    assert (
+        one_line(usage[7]) == "mrm-push: --token: a firebase token is 1-4096 of A-Z a-z 0-9 _ - : ."
+    )
+    assert (await call(service, "GET", "/v1/rooms"))[1] == {"rooms": []}  # nothing was made
+    assert timed_out.code == 1
+    assert one_line(timed_out) == f"mrm-push: cannot reach {silent_url}: no answer within 0.5 s"
     assert version.code == 0
     assert version.out == f"mrm-push {importlib.metadata.version('mrm-push')}\n"
 
