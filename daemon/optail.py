@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tornado.websocket import WebSocketClientConnection
 
 from daemon import optables
-from daemon.client import ApiClient, ServiceError, Unreachable
+from daemon.client import ApiClient, CommandFailed, ServiceError, Unreachable
 
 if TYPE_CHECKING:
     from daemon.opcli import Context
@@ -50,6 +50,7 @@ class Follower:
         self.stopped = asyncio.Event()
         self.rng = random.Random()  # noqa: S311 - jitter, not a secret
         self.failures = 0
+        self.subscribed: list[str] = []  # as the last `subscribed` said
 
     def delay(self) -> float:
         """Equal jitter: between half and all of BACKOFF_FIRST doubled per failure, capped."""
@@ -110,6 +111,8 @@ class Follower:
                     return f"the connection closed ({code or 'no code'}{f' {why}' if why else ''})"
                 if isinstance(text, str):
                     self.handle(json.loads(text))
+        except CommandFailed:
+            raise
         except Exception as error:  # the stream broke mid-write, or a frame that is not JSON
             return f"the connection failed ({type(error).__name__}: {error})"
         finally:
@@ -139,7 +142,8 @@ class Follower:
                 say(f"the store changed (store_epoch {self.epoch} -> {epoch}): seqs start anew")
                 self.last_seq = None
             self.epoch = epoch if isinstance(epoch, str) else None
-            shown = ", ".join(message.get("calendar_ids") or []) or "nothing"
+            self.subscribed = list(message.get("calendar_ids") or [])
+            shown = ", ".join(self.subscribed) or "nothing"
             after = "" if self.last_seq is None else f" after seq {self.last_seq}"
             say(f"subscribed to {shown}{after}")
         elif kind == "replayed":
@@ -150,7 +154,13 @@ class Follower:
                     "(retention, or another store); refetch, e.g. mrm-push notifications list"
                 )
         elif kind == "error":
-            say(f"the service says {message.get('code')}: {message.get('message')}")
+            code, text = message.get("code"), message.get("message")
+            if code == "forbidden_calendar" and not self.subscribed:
+                # The token may not see the one calendar asked for: nothing would ever come.
+                raise ServiceError(
+                    403, "forbidden_calendar", f"{text}: {message.get('calendar_id')}"
+                )
+            say(f"the service says {code}: {text}")
 
 
 async def tail(context: Context) -> int:

@@ -16,7 +16,15 @@ from tests.operator_cli import line_starting, next_line, run_cli, start_cli
 TOKEN = "subscriber-token-sees-all-0123456789"
 ROOM_A = "room-a@resource.calendar.google.com"
 ROOM_B = "room-b@resource.calendar.google.com"
-SUBSCRIBERS = {"auth": {"subscribers": [{"token": TOKEN, "calendars": ["*"]}]}}
+LIMITED = "subscriber-token-room-a-only-0123456"
+SUBSCRIBERS = {
+    "auth": {
+        "subscribers": [
+            {"token": TOKEN, "calendars": ["*"]},
+            {"token": LIMITED, "calendars": [ROOM_A]},
+        ]
+    }
+}
 
 
 async def publish(service, calendar_id: str, summary: str) -> Notification:
@@ -129,3 +137,13 @@ async def test_tail_without_a_usable_subscriber_token(make_service, tmp_path, to
     )
     assert refused.code == 1
     assert refused.err == "mrm-push: 401 unauthorized: a valid subscriber token is required\n"
+    limited = tmp_path / "limited-token"
+    limited.write_text(LIMITED)
+    forbidden = await run_cli(
+        "notifications", "tail", "--url", service.base_url, "--subscriber-token-file",
+        str(limited), "--calendar", ROOM_B,
+    )  # fmt: skip
+    assert forbidden.code == 1
+    assert forbidden.err.splitlines()[-1] == (
+        f"mrm-push: 403 forbidden_calendar: this token may not see that calendar: {ROOM_B}"
+    )
