@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from daemon.opcli import Context
 
 CHANNEL_STATES = ("pending", "active", "retiring", "failed")
-DELIVERY_STATES = ("pending", "in_flight", "sent", "failed", "expired", "cancelled")
 _WS_CLIENTS = re.compile(r"^mrm_push_websocket_clients(?:\{\})? (\S+)$", re.MULTILINE)
 
 
