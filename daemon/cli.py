@@ -1,9 +1,11 @@
-"""The `mrm-push` command: serve, check-config, emulator."""
+"""The `mrm-push` command: serve, check-config, emulator, and the operator commands that call a
+running service."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
@@ -17,6 +19,8 @@ from daemon.configfile import ConfigError, LoadedConfig, describe, load_config
 from daemon.lease import InstanceRunning
 from daemon.listen import StartError, listen
 from daemon.logs import setup_logging
+from daemon.opcli import OPERATOR_COMMANDS, add_operator_commands
+from daemon.opcli import run as run_operator
 from daemon.sdnotify import SdNotifier
 
 if TYPE_CHECKING:
@@ -31,6 +35,7 @@ EXIT_CONFIG = 2  # systemd does not (RestartPreventExitStatus=2)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrm-push", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mrm-push {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the service")
     serve.add_argument("--emulator", action="store_true", help="run the Google/FCM emulator too")
@@ -44,11 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("MRM_PUSH_CONFIG"),
             help="config file (default: $MRM_PUSH_CONFIG, else built-in defaults)",
         )
+    add_operator_commands(commands)
     return parser
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("mrm-push")
+    except importlib.metadata.PackageNotFoundError:  # a bare checkout, not installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in OPERATOR_COMMANDS:
+        return run_operator(args)
     try:
         loaded = load_config(args.config)
     except ConfigError as error:

@@ -15,13 +15,23 @@ class RouteWithoutAuth(Exception):
 
 
 def all_routes(webhook_path: str = "/notifications") -> list[tuple[str, type[web.RequestHandler]]]:
-    from handlers import health, legacy, notifications, refresh, rooms, webhook, websocket
+    from handlers import (
+        deliveries,
+        health,
+        legacy,
+        notifications,
+        refresh,
+        rooms,
+        webhook,
+        websocket,
+    )
 
     return [
         *health.routes,
         *rooms.routes,
         *refresh.routes,
         *notifications.routes,
+        *deliveries.routes,
         *legacy.routes,
         *websocket.routes,
         (re.escape(webhook_path), webhook.WebhookHandler),

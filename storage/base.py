@@ -29,7 +29,18 @@ TargetKind = Literal["fcm", "backend"]
 # when); sent; failed (gave up, last_error says why); expired (still not final after
 # storage.retention_days); cancelled (room deleted or token gone).
 DeliveryState = Literal["pending", "in_flight", "sent", "failed", "expired", "cancelled"]
+DELIVERY_STATES: tuple[DeliveryState, ...] = (
+    "pending",
+    "in_flight",
+    "sent",
+    "failed",
+    "expired",
+    "cancelled",
+)
 FINAL_DELIVERY_STATES: frozenset[str] = frozenset({"sent", "failed", "expired", "cancelled"})
+# What an operator may send again (POST /v1/deliveries/retry): deliveries that gave up.
+RetryableState = Literal["failed", "expired"]
+RETRYABLE_STATES: tuple[RetryableState, ...] = ("failed", "expired")
 
 
 class StoreError(Exception):
@@ -142,6 +153,23 @@ class Lease:
     pid: int
     since: float
     until: float
+
+
+@dataclass(frozen=True)
+class RetrySkip:
+    """A delivery a retry left as it was, and why (storage/delivery_retry.py: the reasons)."""
+
+    id: int
+    reason: str
+    state: DeliveryState | None = None  # None when no such delivery is stored
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What retry_deliveries did: the ids made pending again, and those it left alone."""
+
+    retried: tuple[int, ...] = ()
+    skipped: tuple[RetrySkip, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -404,3 +432,35 @@ class Store(Protocol):
         until then."""
 
     async def count_deliveries(self, state: DeliveryState | None = None) -> int: ...
+
+    # -- the outbox for operators (GET /v1/deliveries, POST /v1/deliveries/retry) --------------
+    async def list_deliveries(
+        self,
+        state: DeliveryState | None = None,
+        calendar_id: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        """Deliveries newest first (by id, descending), only those with id < `before` when
+        given: the next page starts before the last id of this one."""
+
+    async def delivery_counts(
+        self, calendar_id: str | None = None
+    ) -> dict[tuple[DeliveryState, TargetKind], int]:
+        """How many deliveries the outbox holds by (state, target kind), only the calendar's
+        when given; pairs with none are left out."""
+
+    async def retry_deliveries(
+        self,
+        now: float,
+        *,
+        ids: list[int] | None = None,
+        state: RetryableState | None = None,
+    ) -> RetryOutcome:
+        """Make deliveries that gave up (`failed` or `expired`) pending again, due `now`, with
+        attempts 0, last_error and lease cleared and created_at = `now` (so that retention
+        counts from the retry, not from the first try). Either the deliveries named by `ids`
+        or every one in `state`. Left as they are, and reported in `skipped` with the reason
+        of storage/delivery_retry.py: ids not stored, deliveries in another state, and those
+        whose room is gone or whose FCM token has left the room (a token dropped since is
+        never resurrected)."""

@@ -22,7 +22,7 @@ from typing import Any, cast
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from storage import mongo_lease
+from storage import mongo_lease, mongo_outbox
 from storage.base import (
     Channel,
     ChannelState,
@@ -35,6 +35,8 @@ from storage.base import (
     Notification,
     NotificationSource,
     ResourceState,
+    RetryableState,
+    RetryOutcome,
     Room,
     StopOutcome,
     StoreError,
@@ -43,6 +45,7 @@ from storage.base import (
     TargetKind,
 )
 from storage.mongo_driver import close_client, database_name, make_client, mapped_errors
+from storage.mongo_outbox import delivery_from_doc as _delivery
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +152,6 @@ def _stop(doc: Doc) -> ChannelStop:
         next_attempt_at=float(doc["next_attempt_at"]),
         last_error=doc.get("last_error"),
         created_at=float(doc["created_at"]),
-    )
-
-
-def _delivery(doc: Doc) -> Delivery:
-    return Delivery(
-        id=int(doc["_id"]),
-        notification_id=int(doc["notification_id"]),
-        calendar_id=str(doc["calendar_id"]),
-        target=Target(kind=cast(TargetKind, doc["target_kind"]), token=doc.get("target_token")),
-        state=cast(DeliveryState, doc["state"]),
-        attempts=int(doc["attempts"]),
-        next_attempt_at=float(doc["next_attempt_at"]),
-        last_error=doc.get("last_error"),
-        created_at=float(doc["created_at"]),
-        updated_at=float(doc["updated_at"]),
-        lease_until=_opt_float(doc.get("lease_until")),
     )
 
 
@@ -1061,3 +1048,32 @@ class MongoStore:
         async with self._op() as db:
             count = await db.deliveries.count_documents({} if state is None else {"state": state})
         return int(count)
+
+    # -- the outbox for operators (storage/mongo_outbox.py) ----------------------------------
+    async def list_deliveries(
+        self,
+        state: DeliveryState | None = None,
+        calendar_id: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        async with self._op() as db:
+            return await mongo_outbox.page(db, state, calendar_id, before, limit)
+
+    async def delivery_counts(
+        self, calendar_id: str | None = None
+    ) -> dict[tuple[DeliveryState, TargetKind], int]:
+        async with self._op() as db:
+            return await mongo_outbox.counts(db, calendar_id)
+
+    async def retry_deliveries(
+        self,
+        now: float,
+        *,
+        ids: list[int] | None = None,
+        state: RetryableState | None = None,
+    ) -> RetryOutcome:
+        if (ids is None) == (state is None):
+            raise ValueError("retry_deliveries: give ids or state")
+        async with self._op() as db:
+            return await mongo_outbox.retry(db, now, ids, state)

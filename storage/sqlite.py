@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from storage import sqlite_health, sqlite_lease
+from storage import sqlite_health, sqlite_lease, sqlite_outbox
 from storage.base import (
     CHANNEL_STATES,
     Channel,
@@ -28,6 +28,8 @@ from storage.base import (
     Notification,
     NotificationSource,
     ResourceState,
+    RetryableState,
+    RetryOutcome,
     Room,
     StopOutcome,
     Store,
@@ -38,6 +40,7 @@ from storage.base import (
     TargetKind,
 )
 from storage.sqlite_health import FileIdentity, WriteHealth
+from storage.sqlite_outbox import delivery_from_row as _delivery
 
 Params = Sequence[Any]
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
@@ -223,22 +226,6 @@ def _stop(row: sqlite3.Row) -> ChannelStop:
         next_attempt_at=float(row["next_attempt_at"]),
         last_error=row["last_error"],
         created_at=float(row["created_at"]),
-    )
-
-
-def _delivery(row: sqlite3.Row) -> Delivery:
-    return Delivery(
-        id=row["id"],
-        notification_id=row["notification_id"],
-        calendar_id=row["calendar_id"],
-        target=Target(kind=row["target_kind"], token=row["target_token"]),
-        state=row["state"],
-        attempts=row["attempts"],
-        next_attempt_at=float(row["next_attempt_at"]),
-        last_error=row["last_error"],
-        created_at=float(row["created_at"]),
-        updated_at=float(row["updated_at"]),
-        lease_until=_time(row["lease_until"]),
     )
 
 
@@ -1089,6 +1076,35 @@ class SqliteStore:
             else:
                 row = await _one(db, "SELECT count(*) FROM deliveries WHERE state = ?", (state,))
         return int(row[0]) if row is not None else 0
+
+    # -- the outbox for operators (storage/sqlite_outbox.py) ---------------------------------
+    async def list_deliveries(
+        self,
+        state: DeliveryState | None = None,
+        calendar_id: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        async with self._session() as db:
+            return await sqlite_outbox.page(db, state, calendar_id, before, limit)
+
+    async def delivery_counts(
+        self, calendar_id: str | None = None
+    ) -> dict[tuple[DeliveryState, TargetKind], int]:
+        async with self._session() as db:
+            return await sqlite_outbox.counts(db, calendar_id)
+
+    async def retry_deliveries(
+        self,
+        now: float,
+        *,
+        ids: list[int] | None = None,
+        state: RetryableState | None = None,
+    ) -> RetryOutcome:
+        if (ids is None) == (state is None):
+            raise ValueError("retry_deliveries: give ids or state")
+        async with self._transaction() as db:
+            return await sqlite_outbox.retry(db, now, ids, state)
 
 
 if TYPE_CHECKING:  # mypy proves the class satisfies the protocol

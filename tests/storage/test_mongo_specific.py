@@ -408,3 +408,55 @@ async def test_an_srv_name_that_does_not_exist_is_a_config_error_a_dns_outage_is
             await store.open()  # the start goes on, unready
     finally:
         await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_held_deliveries_of_a_cut_publication_are_not_listed_counted_or_retried():
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    (nid,) = await received(store)
+    faults.once["notifications.find_one_and_update"] = ServerSelectionTimeoutError("down")
+    with pytest.raises(StoreUnavailable):
+        await store.publish_notification(nid, [{"event_id": "e"}], False, TARGETS, 5.0)
+    assert await store.list_deliveries() == []
+    assert await store.delivery_counts() == {}
+    outcome = await store.retry_deliveries(6.0, state="failed")
+    assert outcome.retried == () and outcome.skipped == ()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_token_that_leaves_while_a_retry_runs_is_cancelled_not_brought_back(monkeypatch):
+    # No transaction joins the retry's rooms read to its update: the token leaves in between.
+    from storage import mongo_outbox
+
+    store = MongoStore("mongodb://h/site", client=AsyncMongoMockClient())
+    await store.open()
+    await store.put_room("c", "", ["tok-a", "tok-b"], 1.0)
+    (nid,) = await received(store)
+    published = await store.publish_notification(
+        nid, [], True, [Target("fcm", "tok-a"), Target("fcm", "tok-b")], 2.0
+    )
+    d_a, d_b = (d.id for d in published.deliveries)
+    for delivery_id in (d_a, d_b):
+        await store.finish_delivery(delivery_id, "failed", 3.0, attempts=8, last_error="e")
+    real_rooms = mongo_outbox._rooms
+    looks = 0
+
+    async def rooms_then_token_leaves(*args):
+        nonlocal looks
+        found = await real_rooms(*args)
+        looks += 1
+        if looks == 1:
+            await store.remove_token("c", "tok-a", 4.0)  # cancels only pending ones: none yet
+        return found
+
+    monkeypatch.setattr(mongo_outbox, "_rooms", rooms_then_token_leaves)
+    outcome = await store.retry_deliveries(5.0, ids=[d_a, d_b])
+    assert outcome.retried == (d_b,)
+    assert [(s.id, s.reason, s.state) for s in outcome.skipped] == [
+        (d_a, "token_dropped", "cancelled")
+    ]
+    states = {d.id: d.state for d in await store.list_deliveries()}
+    assert states == {d_a: "cancelled", d_b: "pending"}
+    assert [d.id for d in await store.claim_deliveries(6.0, 60.0)] == [d_b]
