@@ -404,3 +404,22 @@ class Store(Protocol):
         until then."""
 
     async def count_deliveries(self, state: DeliveryState | None = None) -> int: ...
+
+    # -- counts for the metrics (grouped counts in the database, never rows read) -----------
+    async def delivery_counts(self) -> dict[tuple[DeliveryState, TargetKind], int]:
+        """How many deliveries there are by (state, target kind); pairs with none left out."""
+
+    async def count_unsynced_notifications(self) -> int:
+        """Notifications stored and still `received` (their sync has not run yet)."""
+
+    async def channel_counts(self) -> dict[ChannelState, int]:
+        """How many channels there are by state; states with none left out."""
+
+    async def count_rooms_without_channel(self, now: float) -> int:
+        """Rooms with no live confirmed channel: none of the calendar's channels is `active`
+        or `retiring` (replaced, still listening until stopped), confirmed, and expiring
+        after `now`."""
+
+    async def soonest_channel_expiry(self) -> float | None:
+        """The earliest expiration of an `active` channel (those without one left out); None
+        when there is none."""

@@ -22,7 +22,7 @@ from typing import Any, cast
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from storage import mongo_lease
+from storage import mongo_counts, mongo_lease
 from storage.base import (
     Channel,
     ChannelState,
@@ -95,6 +95,7 @@ _INDEXES: list[tuple[str, list[tuple[str, int]], Doc]] = [
     ("channels", [("created_at", 1), ("_id", 1)], {"name": "created_at"}),
     ("stops", [("next_attempt_at", 1)], {"name": "next_attempt_at"}),
     ("stopped", [("until", 1), ("_id", 1)], {"name": "until"}),
+    mongo_counts.INDEX,
 ]
 
 
@@ -1061,3 +1062,24 @@ class MongoStore:
         async with self._op() as db:
             count = await db.deliveries.count_documents({} if state is None else {"state": state})
         return int(count)
+
+    # -- counts for the metrics (storage/mongo_counts.py) ------------------------------------
+    async def delivery_counts(self) -> dict[tuple[DeliveryState, TargetKind], int]:
+        async with self._op() as db:
+            return await mongo_counts.delivery_counts(db)
+
+    async def count_unsynced_notifications(self) -> int:
+        async with self._op() as db:
+            return await mongo_counts.count_unsynced_notifications(db)
+
+    async def channel_counts(self) -> dict[ChannelState, int]:
+        async with self._op() as db:
+            return await mongo_counts.channel_counts(db)
+
+    async def count_rooms_without_channel(self, now: float) -> int:
+        async with self._op() as db:
+            return await mongo_counts.count_rooms_without_channel(db, now)
+
+    async def soonest_channel_expiry(self) -> float | None:
+        async with self._op() as db:
+            return await mongo_counts.soonest_channel_expiry(db)

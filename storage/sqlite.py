@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from storage import sqlite_health, sqlite_lease
+from storage import sqlite_counts, sqlite_health, sqlite_lease
 from storage.base import (
     CHANNEL_STATES,
     Channel,
@@ -167,7 +167,12 @@ async def _migration_2(db: aiosqlite.Connection) -> None:
 
 
 # Applied in order, each in its own transaction; later changes append steps, never edit one.
-MIGRATIONS: list[Migration] = [_migration_1, _migration_2, sqlite_lease.migration]
+MIGRATIONS: list[Migration] = [
+    _migration_1,
+    _migration_2,
+    sqlite_lease.migration,
+    sqlite_counts.migration,
+]
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -1089,6 +1094,27 @@ class SqliteStore:
             else:
                 row = await _one(db, "SELECT count(*) FROM deliveries WHERE state = ?", (state,))
         return int(row[0]) if row is not None else 0
+
+    # -- counts for the metrics (storage/sqlite_counts.py) -----------------------------------
+    async def delivery_counts(self) -> dict[tuple[DeliveryState, TargetKind], int]:
+        async with self._session() as db:
+            return await sqlite_counts.delivery_counts(db)
+
+    async def count_unsynced_notifications(self) -> int:
+        async with self._session() as db:
+            return await sqlite_counts.count_unsynced_notifications(db)
+
+    async def channel_counts(self) -> dict[ChannelState, int]:
+        async with self._session() as db:
+            return await sqlite_counts.channel_counts(db)
+
+    async def count_rooms_without_channel(self, now: float) -> int:
+        async with self._session() as db:
+            return await sqlite_counts.count_rooms_without_channel(db, now)
+
+    async def soonest_channel_expiry(self) -> float | None:
+        async with self._session() as db:
+            return await sqlite_counts.soonest_channel_expiry(db)
 
 
 if TYPE_CHECKING:  # mypy proves the class satisfies the protocol
