@@ -40,9 +40,7 @@ async def channel_counts(db: Any) -> dict[ChannelState, int]:
     counts = await asyncio.gather(
         *(db.channels.count_documents({"state": state}) for state in CHANNEL_STATES)
     )
-    return {
-        state: int(count) for state, count in zip(CHANNEL_STATES, counts, strict=True) if count
-    }
+    return {state: int(count) for state, count in zip(CHANNEL_STATES, counts, strict=True) if count}
 
 
 async def count_rooms_without_channel(db: Any, now: float) -> int:

@@ -8,9 +8,6 @@ import aiosqlite
 
 from storage.base import ChannelState, DeliveryState, TargetKind
 
-# A channel that still listens: Google sends on it until it expires or is stopped.
-_LISTENING = "('active', 'retiring')"
-
 
 async def migration(db: aiosqlite.Connection) -> None:
     """Schema step: an index that covers the outbox's count by state and target kind (without
@@ -40,9 +37,10 @@ async def channel_counts(db: aiosqlite.Connection) -> dict[ChannelState, int]:
 async def count_rooms_without_channel(db: aiosqlite.Connection, now: float) -> int:
     return await _count(
         db,
+        # A channel that still listens: Google sends on it until it expires or is stopped.
         "SELECT count(*) FROM rooms WHERE NOT EXISTS (SELECT 1 FROM channels"
         " WHERE channels.calendar_id = rooms.calendar_id AND channels.confirmed"
-        f" AND channels.state IN {_LISTENING} AND channels.expiration > ?)",
+        " AND channels.state IN ('active', 'retiring') AND channels.expiration > ?)",
         (now,),
     )
 
