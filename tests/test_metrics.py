@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote
 
 import pytest
@@ -23,8 +23,15 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from daemon import app as app_module
-from daemon import store_gauges
-from storage.base import StoreUnavailable, Target
+from daemon import metrics, store_gauges
+from storage.base import (
+    CHANNEL_STATES,
+    DeliveryState,
+    NotificationSource,
+    StoreUnavailable,
+    Target,
+    TargetKind,
+)
 from tests.fixtures import call, clock, emulator, make_service  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +215,27 @@ async def test_metrics_and_their_catalogue_agree(make_service, emulator, clock):
             text=True,
         )
         assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_the_documented_label_values_are_the_code_s(make_service):
+    service = await make_service()
+    values = documented_values()
+    routes = values["mrm_push_http_requests_total", "route"]
+    assert routes == values["mrm_push_http_request_seconds", "route"]
+    assert routes == set(service.route_names) | {"other"}  # a new handler needs its line
+    assert values["mrm_push_http_requests_total", "method"] == set(metrics.HTTP_METHODS) | {"other"}
+    assert values["mrm_push_webhook_calls_total", "outcome"] == set(metrics.WEBHOOK_OUTCOMES)
+    assert values["mrm_push_deliveries_total", "outcome"] == set(metrics.DELIVERY_OUTCOMES)
+    assert values["mrm_push_google_request_seconds", "method"] == set(metrics.GOOGLE_METHODS)
+    assert values["mrm_push_notifications_published_total", "source"] == set(
+        get_args(NotificationSource)
+    )
+    assert values["mrm_push_deliveries", "state"] == set(get_args(DeliveryState))
+    assert values["mrm_push_deliveries", "target"] == set(get_args(TargetKind))
+    assert values["mrm_push_channels", "state"] == set(CHANNEL_STATES)
+    # Every label of the catalogue has its values, and only those.
+    assert set(values) == {(m, label) for m, (_, labels) in catalogue().items() for label in labels}
 
 
 @pytest.mark.gen_test(timeout=30)
