@@ -30,6 +30,7 @@ from daemon.readiness import NotReady, run_checks
 from daemon.redact import configured_secrets
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
+from daemon.store_gauges import StoreGauges
 from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
@@ -45,6 +46,9 @@ FCM_THREADS = 8  # pyfcm sends and credential refreshes at once (firebase-admin 
 DELIVERY_DRAIN = 2.0  # seconds at shutdown for FCM attempts in flight
 PURGE_INTERVAL = 3600.0  # seconds between retention purges
 STORE_MAINTENANCE_INTERVAL = 60.0  # seconds between store housekeeping runs (SQLite: the WAL)
+METRICS_INTERVAL = 10.0  # seconds between readiness checks and store counts for /metrics
+# Run from the start, lease held or not (the rest waits for the lease).
+ALWAYS_PERIODIC = ("lease", "metrics")
 
 
 class Service:
@@ -91,6 +95,8 @@ class Service:
         self.fanout = FanoutHub(self.store, self.config.websocket)
         self.metrics.watch_deliveries(self.delivery)
         self.metrics.watch_fanout(self.fanout)
+        self.store_gauges = StoreGauges(self.store, self.clock)
+        self.metrics.watch(self.store_gauges)
         # Every publication wakes the delivery worker, is counted, and goes out on /ws.
         self.publication_listeners: list[Callable[[Notification], None]] = [
             lambda _notification: self.delivery.wake(),
@@ -106,6 +112,7 @@ class Service:
         self.periodic: dict[str, PeriodicCallback] = {}
         self._periodic_work: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._add_periodic("lease", self.keep_lease, self.instance_lease.renew_interval)
+        self._add_periodic("metrics", self.refresh_metrics, METRICS_INTERVAL)
         self._add_periodic("store_maintenance", self.store.maintain, STORE_MAINTENANCE_INTERVAL)
         self._add_periodic(
             "renew", self.channels.renew_due, self.config.google.renew_check_interval
@@ -136,6 +143,7 @@ class Service:
                 calendar_endpoint=google.calendar_endpoint,
                 request_timeout=google.request_timeout,
                 max_concurrency=google.max_concurrency,
+                observe=self.metrics.observe_google,
             )
         except (OSError, ValueError, KeyError) as error:
             raise ConfigError(
@@ -155,7 +163,7 @@ class Service:
             )
             return None
         project_id = fcm.project_id or _key_project_id(fcm.service_account_file)
-        return make_sender(
+        sender = make_sender(
             fcm.backend,
             service_account_file=fcm.service_account_file,
             project_id=project_id,
@@ -165,6 +173,7 @@ class Service:
             clock=self.clock,
             notification_body=fcm.notification_body,
         )
+        return self.metrics.timed_sender(sender)
 
     async def _storage_ready(self) -> None:
         await self.store.ping()
@@ -276,7 +285,8 @@ class Service:
             idle_connection_timeout=60,
         )
         self.server.add_sockets(self.sockets)
-        self.periodic["lease"].start()
+        for name in ALWAYS_PERIODIC:
+            self.periodic[name].start()
         if self.instance_lease.held is not None:
             await self._begin_work()
         log.info("listening", extra={"host": server.host, "port": self.port})
@@ -287,7 +297,7 @@ class Service:
         await self._recover()
         self._delivery_task = asyncio.get_running_loop().create_task(self.delivery.run())
         for name, callback in self.periodic.items():
-            if name != "lease":
+            if name not in ALWAYS_PERIODIC:
                 callback.start()
 
     async def keep_lease(self) -> None:
@@ -371,6 +381,13 @@ class Service:
         checks = await run_checks(self.readiness_checks)
         self.metrics.ready.set(1 if all(r == "ok" for r in checks.values()) else 0)
         return checks
+
+    async def refresh_metrics(self) -> None:
+        """Periodic: mrm_push_ready from the readiness checks, /readyz asked or not, and the
+        store gauges; counts that fail keep their last figures and make mrm_push_ready 0."""
+        _, counted = await asyncio.gather(self.readiness(), self.store_gauges.refresh())
+        if not counted:
+            self.metrics.ready.set(0)
 
     # -- access log and request metrics ------------------------------------------------------
     def _log_request(self, handler: web.RequestHandler) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import http.client
 import json
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +26,12 @@ SCOPE = "https://www.googleapis.com/auth/calendar.readonly"
 _TRANSIENT_403 = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
 
 T = TypeVar("T")
+# Told how long each Google request took, by method (watch, stop, list, token); from the threads.
+Observe = Callable[[str, float], None]
+
+
+def _ignore(method: str, seconds: float) -> None:
+    return None
 
 
 class GoogleError(Exception):
@@ -127,6 +135,7 @@ class GoogleCalendar:
         max_concurrency: int,
         *,
         page_size: int = 250,
+        observe: Observe = _ignore,
     ) -> None:
         credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
             service_account_file, scopes=[SCOPE]
@@ -142,6 +151,7 @@ class GoogleCalendar:
         )
         self._local = threading.local()
         self._refresh_lock = threading.Lock()
+        self._observe = observe
 
     # -- in the worker thread ------------------------------------------------
 
@@ -164,13 +174,25 @@ class GoogleCalendar:
     def _ensure_token(self) -> None:
         with self._refresh_lock:
             if not self._credentials.valid:
-                self._credentials.refresh(google_auth_httplib2.Request(self._local.http))
+                with self._timed("token"):
+                    self._credentials.refresh(google_auth_httplib2.Request(self._local.http))
 
-    def _in_thread(self, call: Callable[[Any], T]) -> T:
+    @contextlib.contextmanager
+    def _timed(self, method: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._observe(method, time.perf_counter() - started)
+
+    def _in_thread(self, call: Callable[[Any], T], method: str | None) -> T:
         try:
             service = self._service()
             self._ensure_token()
-            return call(service)
+            if method is None:
+                return call(service)
+            with self._timed(method):
+                return call(service)
         except HttpError as exc:
             raise error_from_http(exc) from exc
         except google.auth.exceptions.RefreshError as exc:
@@ -189,10 +211,11 @@ class GoogleCalendar:
 
     # -- on the event loop -----------------------------------------------------
 
-    async def _run(self, call: Callable[[Any], T]) -> T:
-        """Run `call(service)` in the pool; give up after request_timeout, queueing included."""
+    async def _run(self, call: Callable[[Any], T], method: str | None) -> T:
+        """Run `call(service)` in the pool; give up after request_timeout, queueing included.
+        The request's own time is observed under `method` (None: no request, a token only)."""
         loop = asyncio.get_running_loop()
-        job = self._executor.submit(self._in_thread, call)
+        job = self._executor.submit(self._in_thread, call, method)
         outcome: asyncio.Future[T] = asyncio.wrap_future(job, loop=loop)
         try:
             return await asyncio.wait_for(asyncio.shield(outcome), self.request_timeout)
@@ -236,7 +259,7 @@ class GoogleCalendar:
             except (KeyError, TypeError, ValueError) as exc:
                 raise TransientGoogleError(200, "badResponse", f"watch answer: {exc!r}") from exc
 
-        return await self._run(call)
+        return await self._run(call, "watch")
 
     async def stop(self, channel_id: str, resource_id: str) -> None:
         body = {"id": channel_id, "resourceId": resource_id}
@@ -244,7 +267,7 @@ class GoogleCalendar:
         def call(service: Any) -> None:
             service.channels().stop(body=body).execute(num_retries=0)
 
-        await self._run(call)
+        await self._run(call, "stop")
 
     async def list_events(self, calendar_id: str, sync_token: str | None) -> EventList:
         """Every page of a full list (sync_token None) or of an incremental sync.
@@ -264,7 +287,9 @@ class GoogleCalendar:
         page_token: str | None = None
         while True:
             page_params = dict(params, pageToken=page_token) if page_token else params
-            page: dict[str, Any] = await self._run(functools.partial(_list_page, page_params))
+            page: dict[str, Any] = await self._run(
+                functools.partial(_list_page, page_params), "list"
+            )
             items.extend(page.get("items") or [])
             page_token = page.get("nextPageToken")
             if page_token:
@@ -280,7 +305,7 @@ class GoogleCalendar:
         def call(service: Any) -> None:
             return None  # _in_thread has made sure of a valid token
 
-        await self._run(call)
+        await self._run(call, None)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -464,3 +464,19 @@ class Store(Protocol):
         of storage/delivery_retry.py: ids not stored, deliveries in another state, and those
         whose room is gone or whose FCM token has left the room (a token dropped since is
         never resurrected)."""
+
+    # -- counts for the metrics (grouped counts in the database, never rows read) -----------
+    async def count_unsynced_notifications(self) -> int:
+        """Notifications stored and still `received` (their sync has not run yet)."""
+
+    async def channel_counts(self) -> dict[ChannelState, int]:
+        """How many channels there are by state; states with none left out."""
+
+    async def count_rooms_without_channel(self, now: float) -> int:
+        """Rooms with no live confirmed channel: none of the calendar's channels is `active`
+        or `retiring` (replaced, still listening until stopped), confirmed, and expiring
+        after `now`."""
+
+    async def soonest_channel_expiry(self) -> float | None:
+        """The earliest expiration of an `active` channel (those without one left out); None
+        when there is none."""

@@ -22,7 +22,7 @@ from typing import Any, cast
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from storage import mongo_lease, mongo_outbox
+from storage import mongo_counts, mongo_lease, mongo_outbox
 from storage.base import (
     Channel,
     ChannelState,
@@ -98,6 +98,7 @@ _INDEXES: list[tuple[str, list[tuple[str, int]], Doc]] = [
     ("channels", [("created_at", 1), ("_id", 1)], {"name": "created_at"}),
     ("stops", [("next_attempt_at", 1)], {"name": "next_attempt_at"}),
     ("stopped", [("until", 1), ("_id", 1)], {"name": "until"}),
+    mongo_counts.INDEX,
 ]
 
 
@@ -1064,6 +1065,8 @@ class MongoStore:
         self, calendar_id: str | None = None
     ) -> dict[tuple[DeliveryState, TargetKind], int]:
         async with self._op() as db:
+            if calendar_id is None:  # the metrics' count: index-only counts of state_kind
+                return await mongo_counts.delivery_counts(db)
             return await mongo_outbox.counts(db, calendar_id)
 
     async def retry_deliveries(
@@ -1077,3 +1080,20 @@ class MongoStore:
             raise ValueError("retry_deliveries: give ids or state")
         async with self._op() as db:
             return await mongo_outbox.retry(db, now, ids, state)
+
+    # -- counts for the metrics (storage/mongo_counts.py) ------------------------------------
+    async def count_unsynced_notifications(self) -> int:
+        async with self._op() as db:
+            return await mongo_counts.count_unsynced_notifications(db)
+
+    async def channel_counts(self) -> dict[ChannelState, int]:
+        async with self._op() as db:
+            return await mongo_counts.channel_counts(db)
+
+    async def count_rooms_without_channel(self, now: float) -> int:
+        async with self._op() as db:
+            return await mongo_counts.count_rooms_without_channel(db, now)
+
+    async def soonest_channel_expiry(self) -> float | None:
+        async with self._op() as db:
+            return await mongo_counts.soonest_channel_expiry(db)

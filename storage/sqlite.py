@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from storage import sqlite_health, sqlite_lease, sqlite_outbox
+from storage import sqlite_counts, sqlite_health, sqlite_lease, sqlite_outbox
 from storage.base import (
     CHANNEL_STATES,
     Channel,
@@ -170,7 +170,12 @@ async def _migration_2(db: aiosqlite.Connection) -> None:
 
 
 # Applied in order, each in its own transaction; later changes append steps, never edit one.
-MIGRATIONS: list[Migration] = [_migration_1, _migration_2, sqlite_lease.migration]
+MIGRATIONS: list[Migration] = [
+    _migration_1,
+    _migration_2,
+    sqlite_lease.migration,
+    sqlite_counts.migration,
+]
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -1092,6 +1097,8 @@ class SqliteStore:
         self, calendar_id: str | None = None
     ) -> dict[tuple[DeliveryState, TargetKind], int]:
         async with self._session() as db:
+            if calendar_id is None:  # the metrics' count: covered by deliveries_state_kind
+                return await sqlite_counts.delivery_counts(db)
             return await sqlite_outbox.counts(db, calendar_id)
 
     async def retry_deliveries(
@@ -1105,6 +1112,23 @@ class SqliteStore:
             raise ValueError("retry_deliveries: give ids or state")
         async with self._transaction() as db:
             return await sqlite_outbox.retry(db, now, ids, state)
+
+    # -- counts for the metrics (storage/sqlite_counts.py) -----------------------------------
+    async def count_unsynced_notifications(self) -> int:
+        async with self._session() as db:
+            return await sqlite_counts.count_unsynced_notifications(db)
+
+    async def channel_counts(self) -> dict[ChannelState, int]:
+        async with self._session() as db:
+            return await sqlite_counts.channel_counts(db)
+
+    async def count_rooms_without_channel(self, now: float) -> int:
+        async with self._session() as db:
+            return await sqlite_counts.count_rooms_without_channel(db, now)
+
+    async def soonest_channel_expiry(self) -> float | None:
+        async with self._session() as db:
+            return await sqlite_counts.soonest_channel_expiry(db)
 
 
 if TYPE_CHECKING:  # mypy proves the class satisfies the protocol

@@ -64,7 +64,7 @@ async def test_metrics_count_requests_by_route(make_service):
     assert (
         'mrm_push_http_requests_total{method="GET",route="HealthHandler",status="200"} 1.0' in text
     )
-    assert "mrm_push_http_request_duration_seconds_bucket" in text
+    assert "mrm_push_http_request_seconds_bucket" in text
     assert "process_resident_memory_bytes" in text
 
 

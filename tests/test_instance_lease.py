@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tornado.netutil import bind_sockets
 
-from daemon.app import Service
+from daemon.app import ALWAYS_PERIODIC, Service
 from daemon.clock import rfc3339
 from daemon.configfile import load_config
 from daemon.lease import LEASE_NAME, InstanceLease, InstanceRunning, LeaseLost
@@ -139,7 +139,9 @@ async def test_with_mongodb_down_at_start_the_work_waits_for_the_lease(tmp_path)
     try:
         # Listening and saying why it is unready, but doing nothing without the lease.
         assert service.instance_lease.held is None
-        assert not any(c.is_running() for n, c in service.periodic.items() if n != "lease")
+        # Only the lease task, and the metrics task (it reports being unready meanwhile).
+        running = {name for name, c in service.periodic.items() if c.is_running()}
+        assert running == set(ALWAYS_PERIODIC) == {"lease", "metrics"}
         _, body = await call(service, "GET", "/readyz", key=None)
         assert "mongodb unreachable" in body["checks"]["storage"]
         faults.down = False

@@ -270,7 +270,8 @@ async def test_migration_2_counts_the_stops_a_version_1_file_holds(tmp_path):
             raw.execute(f"DROP TRIGGER {trigger}")
         raw.execute("DROP TABLE stopped_channels")
         raw.execute("DELETE FROM meta WHERE key IN ('stops_queued', 'stops_remembered')")
-        raw.execute("DROP TABLE leases")  # migration 3, which comes again after 2
+        raw.execute("DROP TABLE leases")  # migrations 3 and 4, which come again after 2
+        raw.execute("DROP INDEX deliveries_state_kind")
         raw.execute("PRAGMA user_version = 1")
     store = SqliteStore(path)
     await store.open()
@@ -280,6 +281,33 @@ async def test_migration_2_counts_the_stops_a_version_1_file_holds(tmp_path):
         assert await store.enqueue_unknown_stop("ch-4", "res-4", T0, 3) == "full"
     finally:
         await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_migration_4_indexes_the_outbox_count_of_a_version_3_file(tmp_path):
+    path = str(tmp_path / "mrm-push.sqlite3")
+    store = SqliteStore(path)
+    await store.open()
+    await publish_new(store, "cal-1", [Target("fcm", "token-a"), Target("backend")])
+    await store.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP INDEX deliveries_state_kind")
+        raw.execute("PRAGMA user_version = 3")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.delivery_counts() == {("pending", "fcm"): 1, ("pending", "backend"): 1}
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as raw:
+        plan = raw.execute(
+            "EXPLAIN QUERY PLAN SELECT state, target_kind, count(*) FROM deliveries"
+            " GROUP BY state, target_kind"
+        ).fetchall()
+    # Read from the index alone, no table rows and no temporary b-tree for the grouping.
+    assert [row[3] for row in plan] == [
+        "SCAN deliveries USING COVERING INDEX deliveries_state_kind"
+    ]
 
 
 @pytest.mark.gen_test(timeout=20)
