@@ -57,6 +57,8 @@ class Service:
         clock: Clock | None = None,
         store: Store | None = None,
     ) -> None:
+        # A reload (daemon/reload.py) replaces these three: auth.* and logging.level only.
+        self.loaded = loaded
         self.config: Config = loaded.config
         self.secrets: Secrets = loaded.secrets
         protect(configured_secrets(loaded))  # before anything can log one of them
