@@ -193,7 +193,7 @@ async def run_until_stopped(
     if watchdog is not None:
         watchdog.cancel()
     try:
-        await asyncio.wait_for(service.stop(), drain_limit)
+        await asyncio.wait_for(service.stop(drain_limit), drain_limit)
     except TimeoutError:
         log.error("shutdown_timed_out", extra={"timeout": drain_limit})
     if demo is not None:
