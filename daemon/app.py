@@ -43,7 +43,8 @@ access_log = logging.getLogger("mrm_push.access")
 
 CHANNEL_UPKEEP_INTERVAL = 15.0  # seconds between background channel retries and stop attempts
 FCM_THREADS = 8  # pyfcm sends and credential refreshes at once (firebase-admin sends are async)
-DELIVERY_DRAIN = 2.0  # seconds at shutdown for FCM attempts in flight
+DELIVERY_DRAIN = 2.0  # seconds at shutdown for FCM attempts in flight, when stop() has no limit
+STOP_RESERVE = 1.0  # seconds of a stop's limit kept for what follows the delivery drain
 PURGE_INTERVAL = 3600.0  # seconds between retention purges
 STORE_MAINTENANCE_INTERVAL = 60.0  # seconds between store housekeeping runs (SQLite: the WAL)
 METRICS_INTERVAL = 10.0  # seconds between readiness checks and store counts for /metrics
@@ -61,6 +62,8 @@ class Service:
         clock: Clock | None = None,
         store: Store | None = None,
     ) -> None:
+        # A reload (daemon/reload.py) replaces these three: auth.* and logging.level only.
+        self.loaded = loaded
         self.config: Config = loaded.config
         self.secrets: Secrets = loaded.secrets
         protect(configured_secrets(loaded))  # before anything can log one of them
@@ -345,20 +348,27 @@ class Service:
         """Where this machine reaches the service (127.0.0.1 for a wildcard host)."""
         return local_url(self.config.server.host, self.port)
 
-    async def stop(self) -> None:
-        """Stop accepting, stop periodic work, close connections and the store."""
+    async def stop(self, limit: float | None = None) -> None:
+        """Stop accepting, stop periodic work, close connections and the store, within `limit`
+        seconds (`serve`: server.shutdown_timeout) when given."""
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
         self.stopping = True
         self.fanout.close_all()  # 1001 first: companion apps reconnect elsewhere or later
         if self.server is not None:
             self.server.stop()
         for callback in self.periodic.values():
             callback.stop()
-        await self.channels.drain(1.0)
-        await self.syncer.drain(1.0)
+        await self.channels.drain(_within(1.0, deadline, loop))
+        await self.syncer.drain(_within(1.0, deadline, loop))
         self.syncer.close()
-        # Attempts in flight get a moment to finish; what is left stays claimed and is released
-        # (sent again) at the next start: at least once.
-        await self.delivery.stop(DELIVERY_DRAIN)
+        await self.syncer.committed()  # a publication under way stores its sync token
+        # Attempts in flight finish: FCM may have taken one whose answer is not in yet, and one
+        # abandoned would be sent again after the restart. They get what the limit leaves
+        # beyond STOP_RESERVE (without a limit, DELIVERY_DRAIN); what is still left then stays
+        # claimed and is released (sent again) at the next start: at least once.
+        drain = DELIVERY_DRAIN if deadline is None else deadline - STOP_RESERVE - loop.time()
+        await self.delivery.stop(max(0.0, drain))
         if self._delivery_task is not None:
             await asyncio.gather(self._delivery_task, return_exceptions=True)
         if self.fcm_sender is not None:
@@ -409,6 +419,11 @@ class Service:
             "scheme": request.protocol,
         }
         access_log.log(level, "request", extra=extra)
+
+
+def _within(seconds: float, deadline: float | None, loop: asyncio.AbstractEventLoop) -> float:
+    """`seconds`, or less when the deadline comes first."""
+    return seconds if deadline is None else max(0.0, min(seconds, deadline - loop.time()))
 
 
 def _key_project_id(key_file: str) -> str:

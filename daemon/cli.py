@@ -125,10 +125,14 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
     """Start, wait for SIGTERM or SIGINT, drain: exit 0. A configuration error stops the start
     with exit 2, anything else that stops it with exit 1; either is one line on stderr."""
     stop_requested = asyncio.Event()
+    reload_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         # The handler only sets a flag; the shutdown runs on the loop like everything else.
         loop.add_signal_handler(signum, stop_requested.set)
+    # SIGHUP's default would end the process: from here on it asks for a reload, which runs on
+    # the loop once the service is ready (one during the start is done then).
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     try:
         service, demo = await start(loaded, with_emulator=with_emulator)
     except ConfigError as error:
@@ -144,7 +148,7 @@ async def serve(loaded: LoadedConfig, *, with_emulator: bool = False) -> int:
     if demo is not None:
         demo.started(service)
     return await run_until_stopped(
-        service, stop_requested, loaded.config.server.shutdown_timeout, demo
+        service, stop_requested, loaded.config.server.shutdown_timeout, demo, reload_requested
     )
 
 
@@ -183,19 +187,28 @@ def start_demo(loaded: LoadedConfig) -> Demo:
 
 
 async def run_until_stopped(
-    service: Service, stop_requested: asyncio.Event, drain_limit: float, demo: Demo | None
+    service: Service,
+    stop_requested: asyncio.Event,
+    drain_limit: float,
+    demo: Demo | None,
+    reload_requested: asyncio.Event | None = None,
 ) -> int:
-    """Ready until SIGTERM/SIGINT, then drain within `drain_limit` seconds; exit code 0."""
+    """Ready until SIGTERM/SIGINT, reloading on SIGHUP, then drain within `drain_limit`
+    seconds; exit code 0."""
     notifier = SdNotifier()
     notifier.notify("READY=1")
     watchdog = _start_watchdog(notifier)
+    reloads = _start_reloads(service, notifier, reload_requested, demo)
     await _stop_or_lease_lost(stop_requested, service.lease_lost)
+    if reloads is not None:
+        reloads.cancel()
+        await asyncio.gather(reloads, return_exceptions=True)
     log.info("shutting_down", extra={"timeout": drain_limit})
     notifier.notify("STOPPING=1")
     if watchdog is not None:
         watchdog.cancel()
     try:
-        await asyncio.wait_for(service.stop(), drain_limit)
+        await asyncio.wait_for(service.stop(drain_limit), drain_limit)
     except TimeoutError:
         log.error("shutdown_timed_out", extra={"timeout": drain_limit})
     if demo is not None:
@@ -224,6 +237,18 @@ async def _abandon(
         service.fcm_executor.shutdown(wait=False)
     if demo is not None:
         demo.stop()
+
+
+def _start_reloads(
+    service: Service, notifier: SdNotifier, requested: asyncio.Event | None, demo: Demo | None
+) -> asyncio.Task[None] | None:
+    """The task that reloads auth.* and logging.level whenever SIGHUP asks (daemon/reload.py)."""
+    if requested is None:
+        return None
+    from daemon.reload import Reloader
+
+    reloader = Reloader(service, notifier, demo.configure if demo else None, requested)
+    return asyncio.get_running_loop().create_task(reloader.run())
 
 
 def _start_watchdog(notifier: SdNotifier) -> asyncio.Task[None] | None:

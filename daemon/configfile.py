@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from daemon.config import REPLACED_KEYS, SECTIONS, Config, Section, Server
+from daemon.credentials import CredentialError, credential_path, is_credential
 
 ENV_PREFIX = "MRM_PUSH__"
 MASK = "********"
@@ -66,6 +67,8 @@ class LoadedConfig:
     secrets: Secrets
     path: Path | None  # the file read, None when running on defaults
     sources: dict[str, str] = field(default_factory=dict)  # "section.key" → where it came from
+    # "section.key" → the `credential:NAME` it was given as (the config holds the path)
+    credentials: dict[str, str] = field(default_factory=dict)
 
     def origin(self, key: str) -> str:
         """Where a key's value came from, for an error line (see `origin_of`)."""
@@ -123,13 +126,14 @@ def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> L
     try:
         config = _validate(raw)
         base = file_path.parent if file_path else Path.cwd()
-        config = _resolve_paths(config, base)
+        credentials: dict[str, str] = {}
+        config = _resolve_paths(config, base, environ, credentials)
         secrets_ = _read_secrets(config)
     except ConfigError as error:
         if error.key is None:
             raise
         raise error.at(origin_of(error.key, sources, file_path)) from None
-    return LoadedConfig(config, secrets_, file_path, sources)
+    return LoadedConfig(config, secrets_, file_path, sources, credentials)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -185,28 +189,49 @@ def _shown(where: str, got: Any) -> str:
     return f" (got {got!r})"
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
+def _resolve_paths(
+    config: Config, base: Path, environ: Mapping[str, str], credentials: dict[str, str]
+) -> Config:
+    """Relative paths made absolute (relative to the config file), and `credential:NAME` in a
+    `*_file` key made $CREDENTIALS_DIRECTORY/NAME (noted in `credentials`, dotted key → value)."""
+
     def resolve(value: str) -> str:
         return str(base / value) if not os.path.isabs(value) else value
 
-    def section_paths(section: Section) -> Section:
+    def resolve_key(dotted: str, value: str) -> str:
+        if not is_credential(value):
+            return resolve(value)
+        if not dotted.endswith("_file"):
+            raise ConfigError(f"{value}: only *_file keys name credentials", key=dotted)
+        try:
+            path = credential_path(value, environ)
+        except CredentialError as error:
+            raise ConfigError(str(error), key=dotted) from None
+        credentials[dotted] = value
+        return path
+
+    def section_paths(prefix: str, section: Section) -> Section:
         updates: dict[str, Any] = {}
         for name, info in type(section).model_fields.items():
             extra = info.json_schema_extra
             value = getattr(section, name)
             if isinstance(extra, dict) and extra.get("path") and isinstance(value, str):
-                updates[name] = resolve(value)
+                updates[name] = resolve_key(f"{prefix}.{name}", value)
         return section.model_copy(update=updates)
 
-    updates: dict[str, Any] = {name: section_paths(getattr(config, name)) for name in SECTIONS}
+    updates: dict[str, Any] = {
+        name: section_paths(name, getattr(config, name)) for name in SECTIONS
+    }
     url = config.storage.url
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         updates["storage"] = updates["storage"].model_copy(
             update={"url": "sqlite:///" + resolve(url[len("sqlite:///") :])}
         )
-    updates["auth"] = updates["auth"].model_copy(
-        update={"subscribers": [section_paths(s) for s in config.auth.subscribers]}
-    )
+    subscribers = [
+        section_paths(f"auth.subscribers.{index}", subscriber)
+        for index, subscriber in enumerate(config.auth.subscribers)
+    ]
+    updates["auth"] = updates["auth"].model_copy(update={"subscribers": subscribers})
     return config.model_copy(update=updates)
 
 
@@ -303,6 +328,8 @@ def describe(loaded: LoadedConfig) -> list[str]:
             if dotted in ("backend.url", "storage.url") and value:
                 value = _without_userinfo(value)
             source = loaded.sources.get(dotted, "default")
+            if dotted in loaded.credentials:
+                source = f"{source}, {loaded.credentials[dotted]}"
             if dotted == "server.public_url" and value is None:
                 value, source = public_url(loaded.config.server), "default: from host and port"
             shown = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()

@@ -19,6 +19,7 @@ from tornado.iostream import IOStream
 
 from daemon.clock import rfc3339
 from daemon.config import WebSocket
+from daemon.configfile import Subscriber
 from daemon.outbox import PING_FRAME, Flusher, Outbox, json_frame
 from daemon.seqorder import InOrder
 from daemon.subscriptions import Subscriptions
@@ -65,12 +66,20 @@ class Client:
         "outbox",
         "pinged",
         "replay_target",
+        "subscriber",
         "wildcard",
     )
 
-    def __init__(self, outbox: Outbox, closer: Callable[[int, str], None]) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        closer: Callable[[int, str], None],
+        subscriber: Subscriber | None = None,
+    ) -> None:
         self.outbox = outbox
         self.closer = closer  # the handler's close(code, reason)
+        # The credential it came with: what it may subscribe to; a reload may change or revoke it.
+        self.subscriber = subscriber
         self.calendars: set[str] = set()
         self.id_bytes = 0  # of the ids in `calendars` (bounded: daemon/subscriptions.py)
         self.wildcard = False  # subscribed to every calendar ("*" with an all-seeing token)
@@ -130,11 +139,16 @@ class FanoutHub:
         return self._epoch
 
     # -- sockets -----------------------------------------------------------------------------
-    def connect(self, stream: IOStream, closer: Callable[[int, str], None]) -> Client | None:
+    def connect(
+        self,
+        stream: IOStream,
+        closer: Callable[[int, str], None],
+        subscriber: Subscriber | None = None,
+    ) -> Client | None:
         """A socket is open; None when the hub is shutting down."""
         if self.closing:
             return None
-        client = Client(Outbox(stream, self.flusher, self.config.max_queue), closer)
+        client = Client(Outbox(stream, self.flusher, self.config.max_queue), closer, subscriber)
         self.clients.add(client)
         return client
 

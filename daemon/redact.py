@@ -58,16 +58,20 @@ class Redactor:
     """Shortens or removes every secret it knows, and everything shaped like one, from text."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets: set[str] = set()
+        self._secrets: dict[str, None] = {}  # oldest first
         self._pattern: re.Pattern[str] | None = None
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
-        """Remember more secrets (API keys, tokens, key material); empty ones are ignored."""
-        new = {s for s in secrets if s and s.strip() and s not in self._secrets}
-        if not new or len(self._secrets) + len(new) > SECRETS_MAX:
+        """Remember more secrets (API keys, tokens, key material); empty ones are ignored. The
+        ones known already stay (a reload adds the new ones: a line logged later may still name
+        an old key); past SECRETS_MAX the oldest are forgotten, never the new ones."""
+        new = [s for s in dict.fromkeys(secrets) if s and s.strip() and s not in self._secrets]
+        if not new:
             return
-        self._secrets |= new
+        self._secrets.update(dict.fromkeys(new[-SECRETS_MAX:]))
+        for old in list(self._secrets)[: max(0, len(self._secrets) - SECRETS_MAX)]:
+            del self._secrets[old]
         alternatives = []
         for secret in sorted(self._secrets, key=len, reverse=True):
             escaped = re.escape(secret)

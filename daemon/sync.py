@@ -90,6 +90,7 @@ class Syncer:
         self._parked: dict[str, float] = {}  # calendar -> when its backoff ends (clock time)
         self._changed = asyncio.Event()  # a worker parked or ended: drain looks again
         self._closed = False
+        self._commits: set[asyncio.Task[Notification]] = set()  # publications under way
 
     # -- entry points ------------------------------------------------------------------------
     def kick(self, calendar_id: str) -> None:
@@ -168,8 +169,8 @@ class Syncer:
                 return
 
     def close(self) -> None:
-        """Stop: no new work; running syncs are cancelled (a sync cut between publishing and
-        storing its sync token publishes the same changes again: at least once)."""
+        """Stop: no new work; running syncs are cancelled, except a publication under way,
+        which stores its sync token first (`committed` waits for it)."""
         self._closed = True
         for task in list(self._workers.values()):
             task.cancel()
@@ -289,26 +290,60 @@ class Syncer:
                 await self._skip(calendar_id, batch, "room_gone")
                 return None
             chosen = batch.pop() if batch else await self._poll_notification(calendar_id)
-            published = await self.store.publish_notification(
-                chosen.id, changes, full_resync, self._targets(room), self.clock.now()
+            # Publishing and storing the sync token run on even when a stop cancels this sync
+            # (shielded; the stop waits for them: `committed`): cut in between, the next run
+            # would publish the same changes again.
+            commit = asyncio.ensure_future(
+                self._publish(chosen, changes, full_resync, room, listing.next_sync_token)
             )
-            log.info(
-                "published",
-                extra={
-                    "calendar_id": calendar_id,
-                    "notification_id": published.id,
-                    "seq": published.seq,
-                    "source": published.source,
-                    "changes": len(changes),
-                    "full_resync": full_resync,
-                },
-            )
-            self._announce(published)
-        # Stored after publishing: a crash in between syncs the same changes again (at least
-        # once, never lost); before skipping: a failed skip then costs only an empty re-sync.
-        await self.store.set_sync_token(calendar_id, listing.next_sync_token)
+            self._commits.add(commit)
+            commit.add_done_callback(self._commit_done)
+            published = await asyncio.shield(commit)
+        else:
+            await self.store.set_sync_token(calendar_id, listing.next_sync_token)
         await self._skip(calendar_id, batch, "coalesced" if published else "nothing_new")
         return published
+
+    async def _publish(
+        self,
+        chosen: Notification,
+        changes: list[dict[str, Any]],
+        full_resync: bool,
+        room: Room,
+        sync_token: str | None,
+    ) -> Notification:
+        calendar_id = chosen.calendar_id
+        published = await self.store.publish_notification(
+            chosen.id, changes, full_resync, self._targets(room), self.clock.now()
+        )
+        log.info(
+            "published",
+            extra={
+                "calendar_id": calendar_id,
+                "notification_id": published.id,
+                "seq": published.seq,
+                "source": published.source,
+                "changes": len(changes),
+                "full_resync": full_resync,
+            },
+        )
+        self._announce(published)
+        # Stored after publishing: a crash in between syncs the same changes again (at least
+        # once, never lost); before skipping: a failed skip then costs only an empty re-sync.
+        await self.store.set_sync_token(calendar_id, sync_token)
+        return published
+
+    def _commit_done(self, commit: asyncio.Task[Notification]) -> None:
+        self._commits.discard(commit)
+        if not commit.cancelled() and commit.exception() is not None:
+            # The sync awaiting it reports the failure; when a stop cancelled that sync, say it.
+            log.debug("publication_failed", extra={"error": str(commit.exception())})
+
+    async def committed(self) -> None:
+        """Wait for the publications under way to store their sync tokens (a stop does this
+        after `close`, before the store closes)."""
+        while self._commits:
+            await asyncio.gather(*list(self._commits), return_exceptions=True)
 
     async def _list(self, google: GoogleCalendar, calendar_id: str) -> tuple[EventList, bool]:
         """Every page since the stored sync token; a full list (full_resync) when there is no

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BAD_FRAMES_ALLOWED = 2  # the next one closes the socket with 1008
+# The close reason (1008) when a reload removed the socket's token; not a secret.
+TOKEN_REVOKED = "token revoked"  # noqa: S105
 SEQ_MAX = 2**63 - 1
 ORIGIN_SHOWN = 200  # characters of a refused Origin put in the log and the answer
 
@@ -163,9 +165,14 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         assert connection is not None and connection.stream is not None
         connection.set_nodelay(True)  # frames are joined per tick already; no Nagle delay
         self._cap_send_buffer(connection.stream.socket)
-        self.client = self.hub.connect(connection.stream, self.close)
+        # A reload (SIGHUP) during the upgrade may have revoked the token prepare() accepted, or
+        # changed its calendars: the socket starts with the subscriber as configured now.
+        subscriber = find_subscriber(self.subscriber.token, self.service.secrets.subscribers)
+        self.client = self.hub.connect(connection.stream, self.close, subscriber)
         if self.client is None:
             self.close(1001, "server shutting down")
+        elif subscriber is None:
+            self.hub.close(self.client, 1008, TOKEN_REVOKED)
 
     def _cap_send_buffer(self, sock: socket.socket | None) -> None:
         """Left alone, Linux grows a socket's send buffer to tcp_wmem's maximum (some 4 MB) for
@@ -237,8 +244,19 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
         epoch = data.get("store_epoch")
         if epoch is not None and not isinstance(epoch, str):
             raise BadMessage("invalid_message", "store_epoch must be a string")
-        sees_all = "*" in self.subscriber.calendars
-        visible = set(self.subscriber.calendars)
+        try:
+            store_epoch = await self.hub.store_epoch()
+        except StoreError as error:
+            self._error(client, "storage_unavailable", str(error))
+            return
+        if client.closing or client.subscriber is None:
+            return
+        # The calendars the token may see as of now (a reload may have changed them while the
+        # store was asked), and from here to `subscribed` nothing awaits: no live notification
+        # comes before it.
+        allowed = client.subscriber.calendars
+        sees_all = "*" in allowed
+        visible = set(allowed)
         wanted: list[str] = []
         forbidden: list[str] = []
         wildcard = False
@@ -247,19 +265,11 @@ class WebSocketFeedHandler(websocket.WebSocketHandler):
                 if sees_all:
                     wildcard = True
                 else:
-                    wanted.extend(self.subscriber.calendars)
+                    wanted.extend(allowed)
             elif sees_all or calendar_id in visible:
                 wanted.append(calendar_id)
             else:
                 forbidden.append(calendar_id)
-        try:
-            store_epoch = await self.hub.store_epoch()
-        except StoreError as error:
-            self._error(client, "storage_unavailable", str(error))
-            return
-        if client.closing:
-            return
-        # From here to `subscribed` nothing awaits: no live notification comes before it.
         accepted, refused, wildcard = self.hub.subscribe(
             client, list(dict.fromkeys(wanted)), wildcard, replay=after is not None
         )

@@ -48,9 +48,7 @@ async def _held_counts(db: Any) -> dict[tuple[DeliveryState, TargetKind], int]:
             {"$group": {"_id": {"s": "$state", "k": "$target_kind"}, "n": {"$sum": 1}}},
         ]
     )
-    return {
-        (doc["_id"]["s"], doc["_id"]["k"]): int(doc["n"]) for doc in await cursor.to_list(None)
-    }
+    return {(doc["_id"]["s"], doc["_id"]["k"]): int(doc["n"]) for doc in await cursor.to_list(None)}
 
 
 async def count_unsynced_notifications(db: Any) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -34,9 +35,18 @@ Event = dict[str, Any]
 class ServiceProcess:
     """`python -m daemon.cli serve` as a child process; its JSON log lines can be awaited."""
 
-    def __init__(self, config: Path, base_url: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        base_url: str,
+        *,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.base_url = base_url
+        self.command = command or [sys.executable, "-m", "daemon.cli"]
+        self.env = env  # added to this process's environment
         self.process: asyncio.subprocess.Process | None = None
         self.events: list[Event] = []
         self.runs = 0
@@ -55,13 +65,12 @@ class ServiceProcess:
         self.runs += 1
         self.events = []
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "daemon.cli",
+            *self.command,
             "serve",
             "--config",
             str(self.config),
             cwd=ROOT,
+            env=None if self.env is None else {**os.environ, **self.env},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -84,13 +93,16 @@ class ServiceProcess:
                 if not future.done() and predicate(event):
                     future.set_result(event)
 
-    async def wait_event(self, name: str, limit: float = WAIT, **fields: Any) -> Event:
-        """The first line of this run with this event (and these fields), waiting for it."""
+    async def wait_event(
+        self, name: str, limit: float = WAIT, *, after: int = 0, **fields: Any
+    ) -> Event:
+        """The first line of this run with this event (and these fields), waiting for it;
+        `after`: only lines from that index of `events` on."""
 
         def matches(event: Event) -> bool:
             return event.get("event") == name and all(event.get(k) == v for k, v in fields.items())
 
-        for event in self.events:
+        for event in self.events[after:]:
             if matches(event):
                 return event
         assert self._reader is not None

@@ -9,6 +9,7 @@ import secrets
 
 import pytest
 
+from daemon import redact
 from daemon.logs import SECRETS_FIELD, JsonFormatter, protect
 from daemon.redact import REDACTED, Redactor, short
 
@@ -96,3 +97,16 @@ def test_a_records_own_tokens_and_every_field_are_redacted():
     assert entry["nested"] == {"list": [REDACTED, 3], "error": f"dQw4w9WgXcQ:{short(FCM)}"}
     assert "ValueError: bad …short-01 and [redacted]" in entry["traceback"]
     assert SECRETS_FIELD not in entry
+
+
+def test_the_redactor_keeps_old_secrets_and_always_learns_new_ones(monkeypatch):
+    """Reloads add secrets (the old ones stay: a line logged later may still name one); past
+    the bound the oldest are forgotten, never the new ones."""
+    monkeypatch.setattr(redact, "SECRETS_MAX", 3)
+    redactor = Redactor(["old-key-0123456789abcdef"])
+    redactor.add(["second-key-0123456789abcdef", "third-key-0123456789abcdef"])
+    assert "old-key" not in redactor.text("key old-key-0123456789abcdef")
+    redactor.add(["newest-key-0123456789abcdef"])
+    assert redactor.text("key newest-key-0123456789abcdef") == "key [redacted]"
+    assert redactor.text("key third-key-0123456789abcdef") == "key [redacted]"
+    assert redactor.text("key old-key-0123456789abcdef") == "key old-key-0123456789abcdef"

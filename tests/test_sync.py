@@ -585,6 +585,48 @@ async def test_a_restart_during_an_outage_loses_nothing(env):
     assert [n.changes for n in await env.published_in_order()] == [(expected(event),)]
 
 
+@pytest.mark.gen_test(timeout=15)
+async def test_a_stop_during_a_publication_lets_it_store_its_sync_token(env):
+    """A clean stop cancels the syncs under way; one that is publishing must still store its
+    sync token, or the next run publishes the same changes again (contract 8: nothing sent
+    twice by a clean stop)."""
+    await env.prime()
+    event = env.google.insert_event(CAL, summary="published while stopping")
+    await env.webhook()
+    await env.webhook()  # a batch of two: one is published, the other skipped
+    store = env.store
+    publishing, release = asyncio.Event(), asyncio.Event()
+    token_stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    publish, set_sync_token = store.publish_notification, store.set_sync_token
+
+    async def slow_publish(*args: Any, **kwargs: Any) -> Notification:
+        published = await publish(*args, **kwargs)  # committed: the seq and deliveries exist
+        publishing.set()
+        await release.wait()  # the answer is on its way back when the stop comes
+        return published
+
+    async def spy_set_sync_token(calendar_id: str, token: str | None) -> None:
+        await set_sync_token(calendar_id, token)
+        if not token_stored.done():
+            token_stored.set_result(None)
+
+    store.publish_notification = slow_publish  # type: ignore[method-assign]
+    store.set_sync_token = spy_set_sync_token  # type: ignore[method-assign]
+    syncer = env.syncer()
+    syncer.kick(CAL)
+    await asyncio.wait_for(publishing.wait(), 5)
+    syncer.close()
+    release.set()
+    await asyncio.wait_for(token_stored, 5)
+    await syncer.committed()
+
+    await env.restart()
+    second = env.syncer()
+    await second.resume()
+    await second.drain(5)
+    assert [n.changes for n in await env.published_in_order()] == [(expected(event),)]
+
+
 # -- rooms, targets, listeners ----------------------------------------------------------------
 
 

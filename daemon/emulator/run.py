@@ -175,6 +175,10 @@ class Demo:
             demo_instructions(service.base_url, self.emulator, self.files, self.loaded), flush=True
         )
 
+    def configure(self, loaded: LoadedConfig) -> LoadedConfig:
+        """A configuration read again (a reload) pointed at this emulator, as at start."""
+        return with_emulator(loaded, self.emulator, self.files)
+
     def stop(self) -> None:
         stop_emulator(self.emulator, self.keeper)
 
