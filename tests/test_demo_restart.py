@@ -93,7 +93,8 @@ def test_a_restarted_demo_keeps_its_calendars_channels_and_sync_tokens(tmp_path)
     first = Demo(tmp_path, port=0)
     try:
         assert '{"advance": 518460}' in first.printed  # 7 days - 1 day + 60 s: the window
-        assert "tornado.websocket" in first.printed and "emulator-subscriber-token" in first.printed
+        tail = next(line for line in first.printed.splitlines() if "notifications tail" in line)
+        assert f"--url {first.service}" in tail and "emulator-subscriber-token" in tail
         status, room = http(
             "PUT",
             f"{first.service}/v1/rooms/{quote(ROOM)}",

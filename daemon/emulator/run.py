@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -206,18 +205,13 @@ def renewal_advance(loaded: LoadedConfig) -> int:
 
 
 def websocket_line(service_url: str, token_file: Path) -> str:
-    """A Python one-liner (Tornado comes with mrm-push) that prints the /ws feed; the token is
-    read from its file, never printed."""
-    ws_url = "ws" + service_url.removeprefix("http") + "/ws"
-    code = (
-        "import json,tornado.ioloop as l,tornado.websocket as w,tornado.httpclient as h;"
-        f"t=open({json.dumps(str(token_file))}).read().strip();"
-        f'r=h.HTTPRequest({json.dumps(ws_url)},headers=dict(Authorization="Bearer "+t));'
-        "s=l.IOLoop.current().run_sync(lambda:w.websocket_connect(r,on_message_callback=print));"
-        's.write_message(json.dumps(dict(type="subscribe",calendar_ids=["*"])));'
-        "l.IOLoop.current().start()"
-    )
-    return f"  {shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+    """The operator command that follows the /ws feed (and reconnects and resumes by itself);
+    the token is read from its file, never printed."""
+    script = Path(sys.executable).parent / "mrm-push"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "daemon.cli"]
+    command += ["notifications", "tail", "--url", service_url]
+    command += ["--subscriber-token-file", str(token_file)]
+    return "  " + shlex.join(command)
 
 
 def demo_instructions(
