@@ -1,16 +1,4 @@
-"""The pyfcm sender: blocking requests in a bounded thread pool, one request per attempt.
-
-An attempt's time is its own request's. Every call handed to the pool first takes one of its
-threads (`ThreadSlots`), so it starts at once and never waits out its timeout in the pool's
-queue; the worker claims no more attempts than there are threads (`max_in_flight`). Inside the
-thread the token refresh and the request are bounded by `fcm.attempt_timeout` (requests'
-connect and read timeouts; google-auth's own default would be 120 s). The asyncio side only
-keeps a generous backstop, for a library that ignores its timeouts; when it fires (or the
-caller gives up: the worker's guard, a stop) the attempt is marked given up, and a thread that
-has not sent the request yet never sends it: no late send can follow an attempt already
-recorded as failed. Once the request is on the wire its outcome is unknown, as for any
-timeout (contract 4 retries those): that is the only way a duplicate can come of it.
-"""
+"""The pyfcm sender: blocking requests in a bounded thread pool, one request per attempt."""
 
 from __future__ import annotations
 
@@ -214,7 +202,19 @@ def _make_pyfcm_client(
 
 
 class PyFcmSender:
-    """Sends with pyfcm 2.1 (blocking, requests) in the executor, one request per attempt."""
+    """Sends with pyfcm 2.1 (blocking, requests) in the executor, one request per attempt.
+
+    An attempt's time is its own request's. Every call handed to the pool first takes one of its
+    threads (`ThreadSlots`), so it starts at once and never waits out its timeout in the pool's
+    queue; the worker claims no more attempts than there are threads (`max_in_flight`). Inside the
+    thread the token refresh and the request are bounded by `fcm.attempt_timeout` (requests'
+    connect and read timeouts; google-auth's own default would be 120 s). The asyncio side only
+    keeps a generous backstop, for a library that ignores its timeouts; when it fires (or the
+    caller gives up: the worker's guard, a stop) the attempt is marked given up, and a thread that
+    has not sent the request yet never sends it: no late send can follow an attempt already
+    recorded as failed. Once the request is on the wire its outcome is unknown, as for any
+    timeout (contract 4 retries those): that is the only way a duplicate can come of it.
+    """
 
     def __init__(
         self,
