@@ -173,6 +173,7 @@ class Service:
             endpoint=fcm.endpoint,
             attempt_timeout=fcm.attempt_timeout,
             executor=self.fcm_executor,
+            threads=FCM_THREADS,
             clock=self.clock,
             notification_body=fcm.notification_body,
         )

@@ -1,8 +1,11 @@
-"""Exponential backoff with full jitter, shared by channel retries, stops and deliveries."""
+"""Exponential backoff with jitter, and Retry-After read once for every retry that honours it."""
 
 from __future__ import annotations
 
+import email.utils
+import math
 import random
+from datetime import UTC
 
 
 def backoff_delay(
@@ -23,16 +26,21 @@ def backoff_delay(
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """A Retry-After header (seconds or an HTTP date) as seconds from `now`."""
-    if not value:
+    """A Retry-After header (delta-seconds or an HTTP date) as seconds from `now`, never less
+    than 0; None when absent or unreadable."""
+    if value is None or not value.strip():
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    from email.utils import parsedate_to_datetime
-
     try:
-        when = parsedate_to_datetime(value)
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # no zone, or "-0000": HTTP dates are GMT, not local time
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)

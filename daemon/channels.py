@@ -157,10 +157,10 @@ class ChannelManager:
         if await self.store.get_sync_token(calendar_id) is not None:
             return None
         try:
-            listing = await self.google.list_events(calendar_id, None)
+            token = await self.google.full_sync_token(calendar_id)
         except GoogleError as error:
             return error
-        await self.store.set_sync_token(calendar_id, listing.next_sync_token)
+        await self.store.set_sync_token(calendar_id, token)
         return None
 
     async def _watch(self, channel: Channel) -> Channel | None:

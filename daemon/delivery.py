@@ -27,7 +27,6 @@ Choices where contract 4 leaves room (for the README):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections import OrderedDict
@@ -35,15 +34,14 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-
-from daemon.backend import graphql_request
-from daemon.backoff import backoff_delay, retry_after_seconds
+from daemon.backend import BackendError, graphql_errors, post_graphql
+from daemon.backoff import backoff_delay
 from daemon.clock import Clock, rfc3339
 from daemon.config import Config
-from daemon.fcm import FcmSender, SendOutcome, shorten
+from daemon.fcm import FcmSender
 from daemon.fcm_hold import FcmHold
 from daemon.fcm_message import TTL_SECONDS, fcm_data
+from daemon.fcm_outcome import SendOutcome, describe, shorten
 from daemon.logs import short_token
 from daemon.readiness import NotReady
 from storage.base import Delivery, DeliveryState, Store
@@ -79,26 +77,6 @@ class NotifyResult:
     ok: bool
     error: str | None = None
     retry_after: float | None = None
-
-
-def describe(outcome: SendOutcome) -> str:
-    """FCM's answer for last_error and logs: "CODE (HTTP n): message"."""
-    head = " ".join(
-        part
-        for part in (outcome.code, f"(HTTP {outcome.status})" if outcome.status else None)
-        if part
-    )
-    text = outcome.error or outcome.kind
-    return f"{head}: {text}" if head else text
-
-
-def graphql_errors(answer: dict[str, Any]) -> list[str]:
-    errors = answer.get("errors")
-    if not errors:
-        return []
-    if not isinstance(errors, list):
-        return [str(errors)]
-    return [str((e.get("message") if isinstance(e, dict) else None) or e) for e in errors]
 
 
 class DeliveryWorker:
@@ -506,30 +484,11 @@ class DeliveryWorker:
         return await self._retry(group, error, result.retry_after, self.config.backend.max_attempts)
 
     async def _post_notify(self, calendar_id: str) -> NotifyResult:
-        backend = self.config.backend
-        if not backend.url:
-            return NotifyResult(False, "backend.url is not set")
         body = {"query": NOTIFY_MUTATION, "variables": {"calendarId": calendar_id}}
-        request = graphql_request(backend, self.backend_token, body)
         try:
-            response = await AsyncHTTPClient().fetch(request)
-        except HTTPClientError as error:
-            if error.code == 599:  # Tornado's code for "no HTTP answer" (timeout, reset)
-                return NotifyResult(False, f"the backend did not answer: {error.message}")
-            wait = None
-            if error.response is not None:
-                wait = retry_after_seconds(
-                    error.response.headers.get("Retry-After"), self.clock.now()
-                )
-            return NotifyResult(False, f"the backend answered HTTP {error.code}", wait)
-        except OSError as error:
-            return NotifyResult(False, f"the backend cannot be reached: {error}")
-        try:
-            answer = json.loads(response.body)
-        except ValueError:
-            return NotifyResult(False, "the backend's answer is not JSON")
-        if not isinstance(answer, dict) or not ("data" in answer or "errors" in answer):
-            return NotifyResult(False, "the backend's answer is not a GraphQL response")
+            answer = await post_graphql(self.config.backend, self.backend_token, body, self.clock)
+        except BackendError as error:
+            return NotifyResult(False, str(error), error.retry_after)
         errors = graphql_errors(answer)
         if errors:
             return NotifyResult(False, f"the backend answered GraphQL errors: {'; '.join(errors)}")

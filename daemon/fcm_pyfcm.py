@@ -1,16 +1,4 @@
-"""The pyfcm sender: blocking requests in a bounded thread pool, one request per attempt.
-
-An attempt's time is its own request's. Every call handed to the pool first takes one of its
-threads (`ThreadSlots`), so it starts at once and never waits out its timeout in the pool's
-queue; the worker claims no more attempts than there are threads (`max_in_flight`). Inside the
-thread the token refresh and the request are bounded by `fcm.attempt_timeout` (requests'
-connect and read timeouts; google-auth's own default would be 120 s). The asyncio side only
-keeps a generous backstop, for a library that ignores its timeouts; when it fires (or the
-caller gives up: the worker's guard, a stop) the attempt is marked given up, and a thread that
-has not sent the request yet never sends it: no late send can follow an attempt already
-recorded as failed. Once the request is on the wire its outcome is unknown, as for any
-timeout (contract 4 retries those): that is the only way a duplicate can come of it.
-"""
+"""The pyfcm sender: blocking requests in a bounded thread pool, one request per attempt."""
 
 from __future__ import annotations
 
@@ -27,15 +15,8 @@ import requests
 import requests.adapters
 
 from daemon.clock import Clock, SystemClock
-from daemon.fcm import (
-    REFRESH_MARGIN,
-    SendOutcome,
-    _needs_refresh,
-    _timeout_outcome,
-    classify,
-    fcm_url,
-    shorten,
-)
+from daemon.fcm_auth import REFRESH_MARGIN, fcm_url, needs_refresh
+from daemon.fcm_outcome import SendOutcome, classify, shorten, timeout_outcome
 from daemon.readiness import NotReady
 
 T = TypeVar("T")
@@ -86,6 +67,8 @@ class ThreadSlots:
     """
 
     def __init__(self, executor: Executor, threads: int) -> None:
+        if threads < 1:
+            raise ValueError("ThreadSlots needs at least one thread")
         self._executor = executor
         self.threads = threads
         self._free = asyncio.Semaphore(threads)
@@ -107,12 +90,6 @@ class ThreadSlots:
 
         job.add_done_callback(done)
         return job
-
-
-def pool_threads(executor: Executor) -> int:
-    """How many threads the pool runs (ThreadPoolExecutor keeps it as `_max_workers`)."""
-    threads = getattr(executor, "_max_workers", None)
-    return threads if isinstance(threads, int) and threads > 0 else 1
 
 
 class TimedRequest(google.auth.transport.requests.Request):
@@ -183,12 +160,12 @@ def _make_pyfcm_client(
             credentials = self.credentials
             if credentials is None:
                 return False
-            return not _needs_refresh(credentials, refresh_margin, self.force_refresh)
+            return not needs_refresh(credentials, refresh_margin, self.force_refresh)
 
         def access_token(self) -> str:
             self.load()
             with self._token_lock:
-                if _needs_refresh(self.credentials, refresh_margin, self.force_refresh):
+                if needs_refresh(self.credentials, refresh_margin, self.force_refresh):
                     self.credentials.refresh(TimedRequest(self._session(), timeout))
                     self.force_refresh = False
                 return str(self.credentials.token)
@@ -225,7 +202,19 @@ def _make_pyfcm_client(
 
 
 class PyFcmSender:
-    """Sends with pyfcm 2.1 (blocking, requests) in the executor, one request per attempt."""
+    """Sends with pyfcm 2.1 (blocking, requests) in the executor, one request per attempt.
+
+    An attempt's time is its own request's. Every call handed to the pool first takes one of its
+    threads (`ThreadSlots`), so it starts at once and never waits out its timeout in the pool's
+    queue; the worker claims no more attempts than there are threads (`max_in_flight`). Inside the
+    thread the token refresh and the request are bounded by `fcm.attempt_timeout` (requests'
+    connect and read timeouts; google-auth's own default would be 120 s). The asyncio side only
+    keeps a generous backstop, for a library that ignores its timeouts; when it fires (or the
+    caller gives up: the worker's guard, a stop) the attempt is marked given up, and a thread that
+    has not sent the request yet never sends it: no late send can follow an attempt already
+    recorded as failed. Once the request is on the wire its outcome is unknown, as for any
+    timeout (contract 4 retries those): that is the only way a duplicate can come of it.
+    """
 
     def __init__(
         self,
@@ -235,12 +224,14 @@ class PyFcmSender:
         attempt_timeout: float,
         executor: Executor,
         *,
+        threads: int,
         clock: Clock | None = None,
         refresh_margin: float = REFRESH_MARGIN,
         notification_body: str | None = None,
     ) -> None:
         self._notification_body = notification_body
-        self._slots = ThreadSlots(executor, pool_threads(executor))
+        # `threads`: how many the executor runs (its maker knows; the pool does not say).
+        self._slots = ThreadSlots(executor, threads)
         self._attempt_timeout = attempt_timeout
         self._backstop = BACKSTOP_PARTS * attempt_timeout + BACKSTOP_MARGIN
         self._clock: Clock = clock or SystemClock()
@@ -285,7 +276,7 @@ class PyFcmSender:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), self._backstop)
         except TimeoutError:
             if attempt.give_up():
-                return _timeout_outcome(self._backstop)
+                return timeout_outcome(self._backstop)
             return SendOutcome(
                 "retry",
                 error=f"not sent: given up after {self._backstop:g} s before the request went out",

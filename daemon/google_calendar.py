@@ -25,6 +25,9 @@ SCOPE = "https://www.googleapis.com/auth/calendar.readonly"
 # 403s that Google documents as "slow down and retry", unlike 403 forbidden.
 _TRANSIENT_403 = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded"})
 
+# A full list read for its sync token alone: Google's partial response leaves the events out.
+TOKENS_ONLY = "nextPageToken,nextSyncToken"
+
 T = TypeVar("T")
 # Told how long each Google request took, by method (watch, stop, list, token); from the threads.
 Observe = Callable[[str, float], None]
@@ -82,6 +85,15 @@ class EventList:
     next_sync_token: str
 
 
+@dataclass(frozen=True)
+class _Collections:
+    """One thread's `service.events()` and `service.channels()`, built once: the client
+    builds every method of a collection anew at each such call."""
+
+    events: Any
+    channels: Any
+
+
 def error_from_http(exc: HttpError) -> GoogleError:
     """Type an HttpError by its status and the reason in Google's JSON error body."""
     status = int(exc.resp.status)
@@ -121,9 +133,9 @@ def _mark_retrieved(future: asyncio.Future[Any]) -> None:
 class GoogleCalendar:
     """The Calendar API through google-api-python-client, in a bounded thread pool.
 
-    One httplib2.Http and one service object per thread (neither is
-    thread-safe); one shared credentials object, refreshed under a lock so
-    that concurrent first calls fetch one token, not one each.
+    One httplib2.Http, one service object and its collections per thread
+    (none is thread-safe); one shared credentials object, refreshed under a
+    lock so that concurrent first calls fetch one token, not one each.
     """
 
     def __init__(
@@ -155,12 +167,12 @@ class GoogleCalendar:
 
     # -- in the worker thread ------------------------------------------------
 
-    def _service(self) -> Any:
+    def _collections(self) -> _Collections:
         local = self._local
-        if getattr(local, "service", None) is None:
+        if getattr(local, "collections", None) is None:
             local.http = httplib2.Http(timeout=self.request_timeout)
             authorized = google_auth_httplib2.AuthorizedHttp(self._credentials, http=local.http)
-            local.service = build(
+            service = build(
                 "calendar",
                 "v3",
                 credentials=None,
@@ -169,7 +181,9 @@ class GoogleCalendar:
                 cache_discovery=False,
                 client_options={"api_endpoint": self._endpoint},
             )
-        return local.service
+            local.collections = _Collections(service.events(), service.channels())
+        collections: _Collections = local.collections
+        return collections
 
     def _ensure_token(self) -> None:
         with self._refresh_lock:
@@ -185,14 +199,14 @@ class GoogleCalendar:
         finally:
             self._observe(method, time.perf_counter() - started)
 
-    def _in_thread(self, call: Callable[[Any], T], method: str | None) -> T:
+    def _in_thread(self, call: Callable[[_Collections], T], method: str | None) -> T:
         try:
-            service = self._service()
+            api = self._collections()
             self._ensure_token()
             if method is None:
-                return call(service)
+                return call(api)
             with self._timed(method):
-                return call(service)
+                return call(api)
         except HttpError as exc:
             raise error_from_http(exc) from exc
         except google.auth.exceptions.RefreshError as exc:
@@ -211,8 +225,8 @@ class GoogleCalendar:
 
     # -- on the event loop -----------------------------------------------------
 
-    async def _run(self, call: Callable[[Any], T], method: str | None) -> T:
-        """Run `call(service)` in the pool; give up after request_timeout, queueing included.
+    async def _run(self, call: Callable[[_Collections], T], method: str | None) -> T:
+        """Run `call(collections)` in the pool; give up after request_timeout, queueing included.
         The request's own time is observed under `method` (None: no request, a token only)."""
         loop = asyncio.get_running_loop()
         job = self._executor.submit(self._in_thread, call, method)
@@ -247,10 +261,8 @@ class GoogleCalendar:
         if token is not None:
             body["token"] = token
 
-        def call(service: Any) -> WatchResult:
-            answer = (
-                service.events().watch(calendarId=calendar_id, body=body).execute(num_retries=0)
-            )
+        def call(api: _Collections) -> WatchResult:
+            answer = api.events.watch(calendarId=calendar_id, body=body).execute(num_retries=0)
             try:
                 return WatchResult(
                     resource_id=str(answer["resourceId"]),
@@ -264,8 +276,8 @@ class GoogleCalendar:
     async def stop(self, channel_id: str, resource_id: str) -> None:
         body = {"id": channel_id, "resourceId": resource_id}
 
-        def call(service: Any) -> None:
-            service.channels().stop(body=body).execute(num_retries=0)
+        def call(api: _Collections) -> None:
+            api.channels.stop(body=body).execute(num_retries=0)
 
         await self._run(call, "stop")
 
@@ -276,33 +288,45 @@ class GoogleCalendar:
         showDeleted is left at its default: a full list skips cancelled events,
         an incremental one always carries them.
         """
-        params: dict[str, Any] = {
-            "calendarId": calendar_id,
-            "singleEvents": True,
-            "maxResults": self.page_size,
-        }
+        params = self._list_params(calendar_id)
         if sync_token is not None:
             params["syncToken"] = sync_token
         items: list[dict[str, Any]] = []
+        next_sync = await self._every_page(params, items.extend)
+        return EventList(items=items, next_sync_token=next_sync)
+
+    async def full_sync_token(self, calendar_id: str) -> str:
+        """The sync token a full list ends with, without the events: every page is still read
+        (Google gives the token on the last), each asked for its two tokens only."""
+        params = dict(self._list_params(calendar_id), fields=TOKENS_ONLY)
+        return await self._every_page(params, lambda items: None)
+
+    def _list_params(self, calendar_id: str) -> dict[str, Any]:
+        return {"calendarId": calendar_id, "singleEvents": True, "maxResults": self.page_size}
+
+    async def _every_page(
+        self, params: dict[str, Any], keep: Callable[[list[dict[str, Any]]], None]
+    ) -> str:
+        """Read pages until the last, handing each page's items to `keep`; its nextSyncToken."""
         page_token: str | None = None
         while True:
             page_params = dict(params, pageToken=page_token) if page_token else params
             page: dict[str, Any] = await self._run(
                 functools.partial(_list_page, page_params), "list"
             )
-            items.extend(page.get("items") or [])
+            keep(page.get("items") or [])
             page_token = page.get("nextPageToken")
             if page_token:
                 continue
             next_sync = page.get("nextSyncToken")
             if not next_sync:
                 raise TransientGoogleError(200, "badResponse", "last page without nextSyncToken")
-            return EventList(items=items, next_sync_token=str(next_sync))
+            return str(next_sync)
 
     async def check(self) -> None:
         """Obtain (or refresh) an access token; raises a GoogleError saying why not."""
 
-        def call(service: Any) -> None:
+        def call(api: _Collections) -> None:
             return None  # _in_thread has made sure of a valid token
 
         await self._run(call, None)
@@ -311,6 +335,6 @@ class GoogleCalendar:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _list_page(params: dict[str, Any], service: Any) -> dict[str, Any]:
-    page: dict[str, Any] = service.events().list(**params).execute(num_retries=0)
+def _list_page(params: dict[str, Any], api: _Collections) -> dict[str, Any]:
+    page: dict[str, Any] = api.events.list(**params).execute(num_retries=0)
     return page

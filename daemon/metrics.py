@@ -10,7 +10,6 @@ reasons in OpenMetrics names and would refuse the pair).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Protocol, get_args
@@ -27,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from daemon.fcm import FcmSender, SendOutcome
+from daemon.fcm import FcmSender, TimedSender
 from storage.base import NotificationSource
 
 # Label values a caller cannot make up (contract 2: never a raw method, path, id or token): the
@@ -131,7 +130,7 @@ class Metrics:
 
     def timed_sender(self, sender: FcmSender) -> FcmSender:
         """`sender`, each attempt timed into mrm_push_fcm_request_seconds."""
-        return _TimedSender(sender, self.fcm)
+        return TimedSender(sender, self.fcm.observe)
 
     def watch_deliveries(self, worker: DeliveryCounts) -> None:
         """Export the delivery worker's own counters, read at each scrape."""
@@ -159,36 +158,6 @@ class _WithoutCreated(Collector):
         for metric in self.inner.collect():
             metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
             yield metric
-
-
-class _TimedSender:
-    """An FcmSender that times each attempt, including one the worker's guard cuts short."""
-
-    def __init__(self, sender: FcmSender, histogram: Histogram) -> None:
-        self.sender = sender
-        self.histogram = histogram
-
-    @property
-    def max_in_flight(self) -> int:
-        return self.sender.max_in_flight
-
-    async def start(self) -> None:
-        await self.sender.start()
-
-    async def send(
-        self, token: str, data: dict[str, str], collapse_key: str, ttl_seconds: int
-    ) -> SendOutcome:
-        started = time.perf_counter()
-        try:
-            return await self.sender.send(token, data, collapse_key, ttl_seconds)
-        finally:
-            self.histogram.observe(time.perf_counter() - started)
-
-    async def check(self) -> None:
-        await self.sender.check()
-
-    async def close(self) -> None:
-        await self.sender.close()
 
 
 class DeliveryCounts(Protocol):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-
-from daemon.backend import graphql_request
+from daemon.backend import BackendError, graphql_errors, post_graphql
 from daemon.config import Config
 from daemon.ids import calendar_id_problem, valid_token
 from daemon.rooms import Rooms
@@ -20,14 +17,6 @@ log = logging.getLogger(__name__)
 
 # The same limits the management API puts on calendar ids and tokens (handlers/rooms.py), so
 # that refresh never stores what a PUT would refuse.
-
-
-class BackendError(Exception):
-    """The backend could not be asked (unreachable, HTTP error, bad answer)."""
-
-
-class BackendNotConfigured(BackendError):
-    """backend.url is not set: there is nobody to ask."""
 
 
 @dataclass
@@ -78,19 +67,6 @@ def valid_calendar_id(calendar_id: str) -> bool:
     return calendar_id_problem(calendar_id) is None
 
 
-def graphql_errors(answer: dict[str, Any]) -> list[str]:
-    """The messages of a GraphQL `errors` entry, whatever shape the backend gave it."""
-    errors = answer.get("errors")
-    if not errors:
-        return []
-    if not isinstance(errors, list):
-        return [str(errors)]
-    return [
-        str((problem.get("message") if isinstance(problem, dict) else None) or problem)
-        for problem in errors
-    ]
-
-
 class Refresher:
     """Asks the backend for its rooms; adds rooms and tokens, prunes only when it is safe."""
 
@@ -105,23 +81,8 @@ class Refresher:
 
     async def fetch(self) -> BackendRooms:
         backend = self.config.backend
-        if not backend.url:
-            raise BackendNotConfigured("backend.url is not set")
-        request = graphql_request(backend, self.token, {"query": backend.rooms_query})
-        try:
-            response = await AsyncHTTPClient().fetch(request)
-        except HTTPClientError as error:
-            if error.code == 599:  # Tornado's code for "no HTTP answer" (timeout, reset)
-                raise BackendError(f"the backend did not answer: {error.message}") from None
-            raise BackendError(f"the backend answered HTTP {error.code}") from None
-        except OSError as error:
-            raise BackendError(f"the backend cannot be reached: {error}") from None
-        try:
-            answer = json.loads(response.body)
-        except ValueError:
-            raise BackendError("the backend's answer is not JSON") from None
-        if not isinstance(answer, dict) or not ("data" in answer or "errors" in answer):
-            raise BackendError("the backend's answer is not a GraphQL response")
+        query = {"query": backend.rooms_query}
+        answer = await post_graphql(backend, self.token, query, self.rooms.clock)
         result = BackendRooms(errors=graphql_errors(answer))
         listed = find_rooms(answer.get("data"))
         if result.errors and not listed:

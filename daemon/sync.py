@@ -354,7 +354,8 @@ class Syncer:
                 return await google.list_events(calendar_id, token), False
             except SyncTokenExpired:
                 log.info("sync_token_expired", extra={"calendar_id": calendar_id})
-        return await google.list_events(calendar_id, None), True
+        # A full resync publishes no changes: its events stay at Google, only the token comes.
+        return EventList(items=[], next_sync_token=await google.full_sync_token(calendar_id)), True
 
     async def _poll_notification(self, calendar_id: str) -> Notification:
         return await self.store.add_notification(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.refresh import BackendError, BackendNotConfigured
+from daemon.backend import BackendError, BackendNotConfigured
 from handlers.base import ApiError, BaseHandler
 
 

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httplib2
 import pytest
 import yaml
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
@@ -126,3 +127,20 @@ async def call(
     if response.headers.get("Content-Type", "").startswith("application/json") and text:
         return response.code, json.loads(text)
     return response.code, text or None
+
+
+@pytest.fixture
+def list_pages(monkeypatch) -> list[tuple[str, dict[str, Any]]]:
+    """Every events.list answer the Google client libraries receive here, as (uri, page): a
+    pass-through of httplib2, the transport they use."""
+    pages: list[tuple[str, dict[str, Any]]] = []
+    request = httplib2.Http.request
+
+    def recording(self: httplib2.Http, uri: str, *args: Any, **kwargs: Any) -> Any:
+        response, content = request(self, uri, *args, **kwargs)
+        if "/events?" in uri:
+            pages.append((uri, json.loads(content)))
+        return response, content
+
+    monkeypatch.setattr(httplib2.Http, "request", recording)
+    return pages

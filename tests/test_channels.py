@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.fixtures import call, clock, emulator, make_service  # noqa: F401
+from tests.fixtures import call, clock, emulator, list_pages, make_service  # noqa: F401
 
 ROOM = "room-1@resource.calendar.google.com"
 PATH = "/v1/rooms/" + quote(ROOM)
@@ -46,6 +46,21 @@ async def test_the_first_channel_starts_with_a_full_list_then_watch(make_service
     assert await service.store.get_sync_token(ROOM)
     # The first list pushes nothing.
     assert await service.store.list_notifications(include_unpublished=True) == []
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_first_list_asks_google_for_its_tokens_only(
+    make_service, emulator, clock, list_pages
+):
+    for n in range(3):
+        emulator.google.insert_event(ROOM, summary=f"meeting {n}")
+    service = await make_service(clock=clock, emulator=emulator)
+    status, _ = await call(service, "PUT", PATH, {})
+    assert status == 201
+    uri, page = list_pages[0]
+    assert "fields=nextPageToken%2CnextSyncToken" in uri
+    assert list(page) == ["nextSyncToken"]  # the events stay at Google
+    assert await service.store.get_sync_token(ROOM) == page["nextSyncToken"]
 
 
 @pytest.mark.gen_test(timeout=20)

@@ -91,9 +91,12 @@ def store(io_loop, tmp_path):
     io_loop.run_sync(opened.close)
 
 
+EXECUTOR_THREADS = 4
+
+
 @pytest.fixture
 def executor():
-    pool = ThreadPoolExecutor(max_workers=4)
+    pool = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS)
     yield pool
     pool.shutdown(wait=True)
 
@@ -188,6 +191,7 @@ def make_worker(io_loop, store, clock, emu, executor):
                 endpoint=emu.base_url,
                 attempt_timeout=5.0,
                 executor=kw.pop("executor", executor),
+                threads=kw.pop("threads", EXECUTOR_THREADS),
                 clock=clock,
             )
             senders.append(sender)
@@ -750,7 +754,7 @@ async def test_the_worker_claims_no_more_pyfcm_attempts_than_there_are_threads(
 ):
     pool = ThreadPoolExecutor(max_workers=2)
     try:
-        worker = make_worker(fcm_backend="pyfcm", executor=pool)
+        worker = make_worker(fcm_backend="pyfcm", executor=pool, threads=2)
         tokens = [tok(f"p{i}") for i in range(5)]
         emu.fcm.hold_answers()
         notification = await publish(store, clock, tokens)

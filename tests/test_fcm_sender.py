@@ -18,14 +18,9 @@ from daemon.clock import ManualClock
 from daemon.emulator.fcm import FcmEmulator
 from daemon.emulator.keys import write_service_account
 from daemon.emulator.oauth import OAuthEmulator
-from daemon.fcm import (
-    FirebaseAdminSender,
-    SendOutcome,
-    classify,
-    make_sender,
-    parse_retry_after,
-    shorten,
-)
+from daemon.fcm import make_sender
+from daemon.fcm_firebase import FirebaseAdminSender
+from daemon.fcm_outcome import SendOutcome, classify, shorten
 from daemon.fcm_pyfcm import PyFcmSender
 from daemon.readiness import NotReady
 
@@ -89,9 +84,12 @@ def emu(start_emulator):
     return start_emulator()
 
 
+EXECUTOR_THREADS = 4
+
+
 @pytest.fixture
 def executor():
-    pool = ThreadPoolExecutor(max_workers=4)
+    pool = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS)
     yield pool
     pool.shutdown(wait=True)
 
@@ -109,6 +107,7 @@ def senders(io_loop, executor, start_emulator):
             endpoint=endpoint or emulator.base_url,
             attempt_timeout=attempt_timeout,
             executor=extra.pop("executor", executor),
+            threads=extra.pop("threads", EXECUTOR_THREADS),
             **extra,
         )
         made.append(sender)
@@ -169,7 +168,7 @@ async def test_make_sender_picks_the_backend(emu, senders):
     assert isinstance(senders("firebase-admin", emu), FirebaseAdminSender)
     assert isinstance(senders("pyfcm", emu), PyFcmSender)
     with pytest.raises(ValueError, match=r"fcm\.backend"):
-        make_sender("apns")
+        senders("apns", emu)
 
 
 # -- each outcome kind, both backends ------------------------------------------------
@@ -439,7 +438,7 @@ async def test_pyfcm_attempts_queued_for_a_thread_are_not_timed_meanwhile(emu, s
     """Four attempts, two threads, FCM holding its answers past attempt_timeout: the first two
     time out on their own requests; the other two, which waited for a thread all that time,
     are sent and answered in full, not given up unsent."""
-    sender = senders("pyfcm", emu, attempt_timeout=1.0, executor=pools(2))
+    sender = senders("pyfcm", emu, attempt_timeout=1.0, executor=pools(2), threads=2)
     await sender.check()  # the token first: the threads only send
     emu.fcm.hold_answers()
     tokens = [f"{TOKEN}-{i}" for i in range(4)]
@@ -466,7 +465,8 @@ async def test_pyfcm_never_sends_for_an_attempt_given_up(start_emulator, senders
     attempt the worker makes next)."""
     emu = start_emulator()
     pool = pools(1)
-    sender = senders("pyfcm", emu, executor=pool)  # no check(): the send fetches the token
+    # No check(): the send fetches the token.
+    sender = senders("pyfcm", emu, executor=pool, threads=1)
     emu.oauth.hold()
     try:
         sending = asyncio.ensure_future(sender.send(TOKEN, DATA, CALENDAR, 3600))
@@ -491,7 +491,7 @@ async def test_pyfcm_token_refresh_is_bounded_and_never_followed_by_a_late_send(
     thread does not send once the token comes after all."""
     emu = start_emulator()
     pool = pools(1)
-    sender = senders("pyfcm", emu, attempt_timeout=0.3, executor=pool)
+    sender = senders("pyfcm", emu, attempt_timeout=0.3, executor=pool, threads=1)
     emu.oauth.hold()
     try:
         outcome = await send(sender)
@@ -587,15 +587,6 @@ def test_gateway_errors_are_retried():
     assert classify(502, "Bad Gateway", "3", token=TOKEN, now=0) == SendOutcome(
         "retry", retry_after=3.0, error="HTTP 502", status=502, code=None
     )
-
-
-def test_retry_after_parsing():
-    assert parse_retry_after("7", 0) == 7.0
-    assert parse_retry_after(" 0 ", 0) == 0.0
-    assert parse_retry_after(email.utils.formatdate(1000.0, usegmt=True), 990.0) == 10.0
-    assert parse_retry_after(email.utils.formatdate(1000.0, usegmt=True), 2000.0) == 0.0
-    assert parse_retry_after("soon", 0) is None
-    assert parse_retry_after(None, 0) is None
 
 
 def test_the_whole_token_never_appears_in_an_error():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass
 
+import googleapiclient.discovery
 import pytest
 import tornado.testing
 import tornado.web
@@ -22,6 +24,7 @@ from daemon.google_calendar import (
     TransientGoogleError,
     WatchResult,
 )
+from tests.fixtures import list_pages  # noqa: F401
 
 CAL = "room-1@resource.calendar.google.com"
 SCOPE = "https://www.googleapis.com/auth/calendar.readonly"
@@ -202,6 +205,46 @@ async def test_list_follows_every_page(env):
 
 
 @pytest.mark.gen_test(timeout=10)
+async def test_full_sync_token_reads_every_page_without_the_events(env, list_pages):
+    google = env.emu.google
+    for n in range(7):
+        google.insert_event(CAL, summary=f"meeting {n}")
+    gateway = env.gateway(page_size=3)
+    token = await gateway.full_sync_token(CAL)
+    assert [c[0] for c in google.calls] == ["list"] * 3
+    assert all("fields=nextPageToken%2CnextSyncToken" in uri for uri, _ in list_pages)
+    assert [list(page) for _, page in list_pages] == [["nextPageToken"]] * 2 + [["nextSyncToken"]]
+    assert list_pages[-1][1]["nextSyncToken"] == token
+    # The token is a full list's: the next sync brings only what changed after it.
+    env.clock.advance(60)
+    added = google.insert_event(CAL, summary="added")
+    changes = await gateway.list_events(CAL, token)
+    assert [e["id"] for e in changes.items] == [added["id"]]
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_collections_are_built_once_per_thread(env, monkeypatch):
+    # service.events() builds a Resource and every method of it: a tenth of the CPU under load.
+    built = []
+    init = googleapiclient.discovery.Resource.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(googleapiclient.discovery.Resource, "__init__", counting)
+    gateway = env.gateway(max_concurrency=1)
+    await gateway.list_events(CAL, None)
+    once = len(built)
+    for n in range(3):
+        await gateway.list_events(CAL, None)
+        watched = await gateway.watch(CAL, f"chan-{n}", None, env.address, 3600)
+        await gateway.stop(f"chan-{n}", watched.resource_id)
+    assert len(built) == once
+    await env.emu.google.drain()
+
+
+@pytest.mark.gen_test(timeout=10)
 async def test_incremental_sync_returns_only_changes_with_cancellations(env):
     google = env.emu.google
     kept = google.insert_event(CAL, summary="kept")
@@ -311,13 +354,25 @@ async def test_late_watch_is_exposed_through_the_timeout(env):
 
 @pytest.mark.gen_test(timeout=10)
 async def test_queued_call_that_times_out_never_runs(env):
-    gateway = env.gateway(request_timeout=0.2, max_concurrency=1)
+    # The only thread stays busy (in `observe`, once its own request has timed out) until the
+    # queued watch has given up: the two timeouts, both request_timeout, never race.
+    busy = threading.Event()
+
+    def observe(method: str, seconds: float) -> None:
+        if method == "list":
+            busy.wait(5.0)
+
+    gateway = GoogleCalendar(env.key_file, None, env.emu.calendar_endpoint, 0.2, 1, observe=observe)
+    env.gateways.append(gateway)
     await gateway.check()
     env.emu.google.inject("list", delay=0.3)
     slow = asyncio.ensure_future(gateway.list_events(CAL, None))
     queued_watch = asyncio.ensure_future(gateway.watch(CAL, "chan-never", None, env.address, 3600))
-    with pytest.raises(GoogleTimeout) as queued:
-        await queued_watch
+    try:
+        with pytest.raises(GoogleTimeout) as queued:
+            await queued_watch
+    finally:
+        busy.set()
     with pytest.raises(GoogleTimeout) as running:
         await slow
     with pytest.raises(GoogleTimeout, match="before the call started"):

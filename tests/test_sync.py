@@ -24,6 +24,7 @@ from daemon.google_calendar import GoogleCalendar
 from daemon.sync import Syncer
 from storage.base import Notification, Target
 from storage.sqlite import SqliteStore
+from tests.fixtures import list_pages  # noqa: F401
 
 CAL = "room-1@resource.calendar.google.com"
 OTHER = "room-2@resource.calendar.google.com"
@@ -284,6 +285,23 @@ async def test_an_expired_sync_token_publishes_a_full_resync_without_changes(env
     again = await env.syncers[0].sync_calendar(CAL)
     assert again is not None
     assert (again.full_resync, again.changes) == (False, (expected(later),))
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_full_resync_asks_google_for_its_tokens_only(env, list_pages):
+    # Its events would be dropped anyway: a full resync publishes no changes.
+    await env.prime()
+    env.google.insert_event(CAL, summary="lost in the gap")
+    env.google.expire_sync_tokens(CAL)
+    list_pages.clear()
+    await env.webhook()
+    published = await env.syncer().sync_calendar(CAL)
+    assert published is not None and published.full_resync
+    (_, expired), (uri, full) = list_pages
+    assert "error" in expired
+    assert "fields=nextPageToken%2CnextSyncToken" in uri
+    assert list(full) == ["nextSyncToken"]
+    assert await env.store.get_sync_token(CAL) == full["nextSyncToken"]
 
 
 @pytest.mark.gen_test(timeout=15)

@@ -641,6 +641,12 @@ class GoogleCalendarEmulator:
             token = _opaque()
             self.remember_sync_token(token, calendar.id, listing.change, calendar.generation)
             answer["nextSyncToken"] = token
+        if args.get("fields"):
+            # Google's partial response, top-level names only: items(id,...) keeps whole items.
+            names = {
+                p.split("/")[0].strip() for p in re.sub(r"\(.*?\)", "", args["fields"]).split(",")
+            }
+            answer = {name: value for name, value in answer.items() if name in names}
         return answer
 
     def remember_sync_token(

@@ -383,6 +383,24 @@ async def test_pages_carry_the_sync_token_only_on_the_last(emu):
 
 
 @pytest.mark.gen_test(timeout=10)
+async def test_fields_select_what_a_page_carries(emu):
+    """Google's partial response: only the fields named, a page without them is empty."""
+    for n in range(3):
+        emu.google.insert_event(CAL, summary=f"m{n}")
+    base = f"/calendar/v3/calendars/{quoted(CAL)}/events?maxResults=2&fields="
+    _, first, _ = await call(emu, "GET", base + quoted("nextPageToken,nextSyncToken"))
+    assert list(first) == ["nextPageToken"]
+    page = f"&pageToken={quoted(first['nextPageToken'])}"
+    _, last, _ = await call(emu, "GET", base + quoted("nextPageToken,nextSyncToken") + page)
+    assert list(last) == ["nextSyncToken"]
+    _, items, _ = await call(emu, "GET", base + quoted("items(id,summary),nextPageToken"))
+    assert sorted(items) == ["items", "nextPageToken"]
+    assert [e["summary"] for e in items["items"]] == ["m0", "m1"]
+    _, none, _ = await call(emu, "GET", base + "etag")
+    assert sorted(none) == ["etag"]
+
+
+@pytest.mark.gen_test(timeout=10)
 async def test_list_parameters_are_checked(emu):
     base = f"/calendar/v3/calendars/{quoted(CAL)}/events"
     _, first, _ = await call(emu, "GET", base)
