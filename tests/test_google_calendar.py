@@ -155,7 +155,7 @@ async def test_expired_token_is_refreshed_on_401(env):
 async def test_watch_sync_stop_round_trip(env):
     gateway = env.gateway()
     result = await gateway.watch(CAL, "chan-1", "secret-token", env.address, 3600)
-    calendar = env.emu.google._calendars[CAL]
+    calendar = env.emu.google.calendar(CAL)
     assert result == WatchResult(
         resource_id=calendar.resource_id, expiration=env.clock.now() + 3600
     )
@@ -303,7 +303,7 @@ async def test_late_watch_is_exposed_through_the_timeout(env):
     assert caught.value.late is not None
     late = await caught.value.late
     assert late == WatchResult(
-        resource_id=google._calendars[CAL].resource_id, expiration=env.clock.now() + 3600
+        resource_id=google.calendar(CAL).resource_id, expiration=env.clock.now() + 3600
     )
     await listing
     assert google.channels()[0]["id"] == "chan-late"

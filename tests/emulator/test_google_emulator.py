@@ -417,7 +417,7 @@ async def test_watch_answer_and_stop(emu, receiver):
     assert channel == {
         "kind": "api#channel",
         "id": "chan-1",
-        "resourceId": emu.google._calendars[CAL].resource_id,
+        "resourceId": emu.google.calendar(CAL).resource_id,
         "resourceUri": f"https://www.googleapis.com/calendar/v3/calendars/{quoted(CAL)}/events?alt=json",
         "token": "tok",
         "expiration": str(int((emu.clock.now() + 3600) * 1000)),
