@@ -1,5 +1,6 @@
-"""The emulator's Google state (calendars, events, channels, sync tokens, its clock) in one
-JSON file of the state directory, so that a demo stopped and started again goes on where it was.
+"""The emulator's Google state in one JSON file, so that a restarted demo goes on where it was.
+
+Calendars, events, channels, sync tokens and the clock, in a file of the state directory.
 
 Saved atomically (a temporary file renamed over the old one) soon after each change, at most
 once per SAVE_DELAY, and at stop; loaded before the emulator listens. What is not kept: FCM
