@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from daemon.clock import Clock, ManualClock
 from daemon.configfile import load_config
 from daemon.emulator.app import Emulator
 from daemon.emulator.fcm import FcmEmulator
+from daemon.google_calendar import GoogleCalendar
 
 API_KEY = "test-api-key-0123456789abcdef"
 
@@ -144,3 +146,50 @@ def list_pages(monkeypatch) -> list[tuple[str, dict[str, Any]]]:
 
     monkeypatch.setattr(httplib2.Http, "request", recording)
     return pages
+
+
+async def settle(service: Service, emulator: Emulator, limit: float = 10.0) -> None:
+    """Wait until the service's background channel work (late watches, stops) and Google's
+    webhook calls are all over. Each can start the other (a watch makes the emulator send
+    `sync`; a webhook can make the service stop a channel): both are waited for at once, and
+    again only while one of them still has work."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    # ChannelManager has no public "busy" yet: its set of background tasks says it.
+    while service.channels._tasks or not emulator.google.idle:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError(f"channel work or webhook calls still under way after {limit} s")
+        await asyncio.wait_for(
+            asyncio.gather(service.channels.drain(remaining), emulator.google.drain()), remaining
+        )
+
+
+class CalendarCallsHeld:
+    """Holds a Calendar gateway's calls in their worker thread until release(), before they
+    send anything: a late answer made on purpose, without a real-time window to hit.
+
+    Every call takes the gateway's token lock in its thread before its request and waits for
+    it with no timeout. While the test holds the lock, a call is running (not queued, so it
+    is never cancelled) with no socket open: the caller's request_timeout runs out for sure,
+    and the request reaches Google only once the test lets go; its answer comes late.
+    Use it as a context manager, so that the thread is let go whatever happens.
+    """
+
+    def __init__(self, gateway: GoogleCalendar | None) -> None:
+        assert gateway is not None, "the service has no Google credentials"
+        self._lock = gateway._refresh_lock
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("a Calendar call is fetching a token: hold when none runs")
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def __enter__(self) -> CalendarCallsHeld:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -1,17 +1,25 @@
 """The channel lifecycle against the Google emulator: make, retry, fail, renew, stop.
 
 Time is the shared ManualClock; the only real timeouts are in the two late-watch tests
-(`request_timeout` 1 s against emulator delays of 0.6 s), where a real timeout is the point.
+(`request_timeout` 1 s, the service's own deadline), where a real timeout is the point: the
+watch waits in the gateway's thread until the test lets it go, so nothing hangs on a margin.
 """
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import quote
 
 import pytest
 
-from tests.fixtures import call, clock, emulator, list_pages, make_service  # noqa: F401
+from tests.fixtures import (  # noqa: F401
+    CalendarCallsHeld,
+    call,
+    clock,
+    emulator,
+    list_pages,
+    make_service,
+    settle,
+)
 
 ROOM = "room-1@resource.calendar.google.com"
 PATH = "/v1/rooms/" + quote(ROOM)
@@ -20,13 +28,6 @@ DAY = 86400
 
 def google_channels(emulator, state: str | None = None) -> list[dict]:
     return [c for c in emulator.google.channels(ROOM) if state is None or c["state"] == state]
-
-
-async def settle(service, emulator) -> None:
-    """Let background work (late watches, stops) and Google's webhook calls finish."""
-    for _ in range(3):
-        await service.channels.drain(10)
-        await emulator.google.drain()
 
 
 async def channel_state(service) -> dict:
@@ -143,31 +144,31 @@ async def test_a_failed_first_list_is_retried_before_the_watch(make_service, emu
     assert await service.store.get_sync_token(ROOM)
 
 
-async def put_with_a_late_watch(service, emulator):
-    """PUT a room whose watch answers after the PUT gave up: with one Google thread, a slow
-    call holds it for 0.6 s, then the watch itself takes 0.6 s: 1.2 s in all against a 1 s
-    request_timeout, while neither call alone trips its socket's 1 s timeout."""
+async def put_with_a_late_watch(service):
+    """PUT a room while its watch is held in the gateway's thread (CalendarCallsHeld): the
+    PUT gives up after request_timeout, and so does the watch call itself; the watch then
+    reaches Google when the test releases the hold, and its answer comes late."""
     await service.store.put_room(ROOM, None, None, service.clock.now())
     await service.store.set_sync_token(ROOM, "first-sync-token")
-    emulator.google.inject("list", delay=0.6, calendar_id="blocker@x")
-    emulator.google.inject("watch", delay=0.6, calendar_id=ROOM)
-    blocker = asyncio.ensure_future(service.google.list_events("blocker@x", None))
     status, room = await call(service, "PUT", PATH, {})
-    await blocker
     assert status == 200
     # Stored before the watch, answered as it stood when the PUT stopped waiting.
     assert room["channel"]["state"] == "pending"
+    async with service.channels.calendar_lock(ROOM):
+        pass  # the PUT's channel work is over: its watch call has given up waiting too
     return room
 
 
-LATE = {"google": {"request_timeout": 1, "max_concurrency": 1}}
+LATE = {"google": {"request_timeout": 1}}
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_a_late_watch_answer_is_recorded(make_service, emulator, clock):
     service = await make_service(LATE, clock=clock, emulator=emulator)
-    await put_with_a_late_watch(service, emulator)
-    await settle(service, emulator)
+    with CalendarCallsHeld(service.google) as held:
+        await put_with_a_late_watch(service)
+        held.release()  # the watch reaches Google now, after every wait for it has ended
+        await settle(service, emulator)
     channel = await channel_state(service)
     assert channel["state"] == "active" and channel["resource_id"]
     assert len(google_channels(emulator, "live")) == 1
@@ -176,10 +177,12 @@ async def test_a_late_watch_answer_is_recorded(make_service, emulator, clock):
 @pytest.mark.gen_test(timeout=20)
 async def test_a_late_watch_for_a_deleted_room_is_stopped(make_service, emulator, clock):
     service = await make_service(LATE, clock=clock, emulator=emulator)
-    await put_with_a_late_watch(service, emulator)
-    status, _ = await call(service, "DELETE", PATH)
-    assert status == 204
-    await settle(service, emulator)
+    with CalendarCallsHeld(service.google) as held:
+        await put_with_a_late_watch(service)
+        status, _ = await call(service, "DELETE", PATH)
+        assert status == 204
+        held.release()  # the watch reaches Google after the room went
+        await settle(service, emulator)
     await service.channels.process_stops()
     assert len(google_channels(emulator)) == 1
     assert google_channels(emulator, "live") == []

@@ -26,8 +26,6 @@ ROOM = "crash-room@resource.calendar.google.com"
 TABLET = "crash-tablet-" + "c" * 40
 START_TIMEOUT = 20.0  # a cold start imports firebase-admin and the Google client
 WAIT = 10.0  # any one thing the test waits for
-# The FCM hold outlasts the test: the held request must never be answered (see below).
-HOLD = 3600.0
 
 Event = dict[str, Any]
 
@@ -219,23 +217,11 @@ async def add_room_with_active_channel(service: ServiceProcess, emulator: Emulat
     assert (channel["state"], channel["confirmed"]) == ("active", True), channel
 
 
-def hold_next_list(emulator: Emulator) -> tuple[asyncio.Future[None], asyncio.Event]:
-    """Hold the next `events.list` in the Google emulator until the event is set; the future
-    says the call has arrived. (`google.inject("list", delay=...)` gives no arrival signal and
-    its delay cannot be ended early.)"""
-    google = emulator.google
-    original = google.call
-    arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+def hold_next_list(emulator: Emulator) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the next `events.list` in the Google emulator until the second event is set; the
+    first is set when the call has arrived."""
     release = asyncio.Event()
-
-    async def call(method: str, calendar_id: str | None, *args: Any) -> Any:
-        if method == "list" and not arrived.done():
-            arrived.set_result(None)
-            await release.wait()
-        return await original(method, calendar_id, *args)
-
-    google.call = call  # type: ignore[method-assign,assignment]
-    return arrived, release
+    return emulator.google.inject("list", hold=release).taken, release
 
 
 async def check_delivered_once(service: ServiceProcess, emulator: Emulator, event_id: str) -> None:
@@ -267,13 +253,13 @@ async def test_sigkill_with_the_fcm_send_in_flight_delivers_once_after_restart(
     # FCM has the request but does not answer: the message is stored, published and being
     # sent, not accepted. The emulator would record a held request when released, even with
     # its client gone, so this one is never released: FCM never accepted it.
-    fcm.delay(TABLET, HOLD)
+    fcm.hold_answers(TABLET)
     event = real_emulator.google.insert_event(ROOM, summary="Standup")
     await fcm.wait_for_attempts(TABLET, 1, WAIT)
     await service.wait_event("published")  # written before the send: already in the pipe
     await service.kill()
     assert fcm.messages(TABLET) == []
-    fcm.delay(TABLET, 0)  # new requests go through; the held one stays held
+    fcm.stop_holding(TABLET)  # new requests go through; the held one stays held
 
     recovered = await service.start()
     assert recovered["released_claims"] == 1, service.tail()
@@ -292,7 +278,7 @@ async def test_sigkill_after_the_webhook_answer_and_before_the_sync_syncs_after_
     list_arrived, release_list = hold_next_list(real_emulator)
     try:
         event = google.insert_event(ROOM, summary="Retro")
-        await asyncio.wait_for(list_arrived, WAIT)
+        await asyncio.wait_for(list_arrived.wait(), WAIT)
         await asyncio.wait_for(google.drain(), WAIT)
         answered = google.webhooks[-1]
         assert (answered.state, answered.status) == ("exists", 200)

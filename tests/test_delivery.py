@@ -737,7 +737,7 @@ async def test_a_claim_survives_a_crash(clock, emu, make_worker, tmp_path, recov
 @pytest.mark.gen_test(timeout=20)
 async def test_worker_leases_cover_the_attempt(store, clock, emu, make_worker):
     worker = make_worker()
-    emu.fcm.delay(TOKEN, 30)
+    emu.fcm.hold_answers(TOKEN)
     notification = await publish(store, clock)
     running = asyncio.ensure_future(worker.run_once())
     await emu.fcm.wait_for_attempts(TOKEN, 1)
@@ -799,7 +799,7 @@ async def test_stop_leaves_an_unfinished_attempt_for_the_next_start(store, clock
     """The one duplicate the contract allows: FCM accepts after the process gave up."""
     worker = make_worker()
     runner = asyncio.ensure_future(worker.run())
-    emu.fcm.delay(TOKEN, 30)
+    emu.fcm.hold_answers(TOKEN)
     notification = await publish(store, clock)
     worker.wake()
     await emu.fcm.wait_for_attempts(TOKEN, 1)

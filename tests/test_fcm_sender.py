@@ -288,7 +288,7 @@ async def test_timeout_needs_real_timeout(backend, emu, senders):
     """A real 0.2 s timeout: the emulator holds the answer past attempt_timeout."""
     sender = senders(backend, emu, attempt_timeout=0.2)
     await sender.check()  # the token first, so that the 0.2 s are the send's
-    emu.fcm.delay(TOKEN, 10)
+    emu.fcm.hold_answers(TOKEN)
     outcome = await send(sender)
     assert outcome.kind == "retry", outcome
     assert outcome.status is None

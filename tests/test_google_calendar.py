@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from dataclasses import dataclass
 
 import googleapiclient.discovery
@@ -24,7 +23,7 @@ from daemon.google_calendar import (
     TransientGoogleError,
     WatchResult,
 )
-from tests.fixtures import list_pages  # noqa: F401
+from tests.fixtures import CalendarCallsHeld, list_pages  # noqa: F401
 
 CAL = "room-1@resource.calendar.google.com"
 SCOPE = "https://www.googleapis.com/auth/calendar.readonly"
@@ -158,7 +157,7 @@ async def test_expired_token_is_refreshed_on_401(env):
 async def test_watch_sync_stop_round_trip(env):
     gateway = env.gateway()
     result = await gateway.watch(CAL, "chan-1", "secret-token", env.address, 3600)
-    calendar = env.emu.google._calendars[CAL]
+    calendar = env.emu.google.calendar(CAL)
     assert result == WatchResult(
         resource_id=calendar.resource_id, expiration=env.clock.now() + 3600
     )
@@ -326,7 +325,8 @@ async def test_watch_errors_are_typed_too(env):
     assert env.hooks == []  # a refused watch makes no channel
 
 
-# Real timeouts are the point of the next three tests: they inject delays of at most 0.3 s.
+# Real timeouts are the point of the next two tests: the gateway's own request_timeout. What
+# keeps a call running or queued past it is held by the test (CalendarCallsHeld), not timed.
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -334,51 +334,44 @@ async def test_late_watch_is_exposed_through_the_timeout(env):
     gateway = env.gateway(request_timeout=0.4, max_concurrency=1)
     await gateway.check()  # the one thread has its service and token ready
     google = env.emu.google
-    google.inject("list", delay=0.2)
-    google.inject("watch", delay=0.3)
-    # The list holds the only thread for 0.2 s; the watch waits, starts, and then takes
-    # 0.3 s: past the caller's 0.4 s deadline (queueing included) but within the
-    # thread's own socket timeout, so it answers late.
-    listing = asyncio.ensure_future(gateway.list_events(CAL, None))
-    watching = asyncio.ensure_future(gateway.watch(CAL, "chan-late", "tok", env.address, 3600))
-    with pytest.raises(GoogleTimeout) as caught:
-        await watching
-    assert caught.value.late is not None
-    late = await caught.value.late
+    # The watch runs in the only thread but waits there, before its request, past the
+    # caller's 0.4 s deadline; let go, it reaches Google and answers late.
+    with CalendarCallsHeld(gateway) as held:
+        watching = asyncio.ensure_future(gateway.watch(CAL, "chan-late", "tok", env.address, 3600))
+        with pytest.raises(GoogleTimeout) as caught:
+            await watching
+        assert caught.value.late is not None
+        held.release()
+        late = await caught.value.late
     assert late == WatchResult(
-        resource_id=google._calendars[CAL].resource_id, expiration=env.clock.now() + 3600
+        resource_id=google.calendar(CAL).resource_id, expiration=env.clock.now() + 3600
     )
-    await listing
     assert google.channels()[0]["id"] == "chan-late"
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_queued_call_that_times_out_never_runs(env):
-    # The only thread stays busy (in `observe`, once its own request has timed out) until the
-    # queued watch has given up: the two timeouts, both request_timeout, never race.
-    busy = threading.Event()
-
-    def observe(method: str, seconds: float) -> None:
-        if method == "list":
-            busy.wait(5.0)
-
-    gateway = GoogleCalendar(env.key_file, None, env.emu.calendar_endpoint, 0.2, 1, observe=observe)
-    env.gateways.append(gateway)
+    gateway = env.gateway(request_timeout=0.2, max_concurrency=1)
     await gateway.check()
-    env.emu.google.inject("list", delay=0.3)
-    slow = asyncio.ensure_future(gateway.list_events(CAL, None))
-    queued_watch = asyncio.ensure_future(gateway.watch(CAL, "chan-never", None, env.address, 3600))
+    unanswered = asyncio.Event()  # Google takes the list and never answers it
+    env.emu.google.inject("list", hold=unanswered)
     try:
-        with pytest.raises(GoogleTimeout) as queued:
-            await queued_watch
+        with CalendarCallsHeld(gateway) as held:  # the list keeps the only thread meanwhile
+            slow = asyncio.ensure_future(gateway.list_events(CAL, None))
+            queued_watch = asyncio.ensure_future(
+                gateway.watch(CAL, "chan-never", None, env.address, 3600)
+            )
+            with pytest.raises(GoogleTimeout) as queued:
+                await queued_watch
+            with pytest.raises(GoogleTimeout) as running:
+                await slow
+            with pytest.raises(GoogleTimeout, match="before the call started"):
+                await queued.value.late
+            held.release()  # the list reaches Google, which holds it
+            with pytest.raises(GoogleTimeout):  # its own socket timed out too: no answer at all
+                await running.value.late
     finally:
-        busy.set()
-    with pytest.raises(GoogleTimeout) as running:
-        await slow
-    with pytest.raises(GoogleTimeout, match="before the call started"):
-        await queued.value.late
-    with pytest.raises(GoogleTimeout):  # its own socket timed out too: no answer at all
-        await running.value.late
+        unanswered.set()
     assert env.emu.google.channels() == []
 
 
@@ -386,8 +379,15 @@ async def test_queued_call_that_times_out_never_runs(env):
 async def test_concurrency_is_bounded(env):
     gateway = env.gateway(max_concurrency=2)
     await gateway.check()
-    env.emu.google.inject("list", count=6, delay=0.05)
-    await asyncio.gather(*(gateway.list_events(f"cal-{n}", None) for n in range(6)))
+    release = asyncio.Event()
+    held = [env.emu.google.inject("list", hold=release) for _ in range(6)]
+    listing = asyncio.gather(*(gateway.list_events(f"cal-{n}", None) for n in range(6)))
+    try:
+        await held[0].taken.wait()
+        await held[1].taken.wait()  # two lists at Google at once, held there
+    finally:
+        release.set()
+    await listing
     assert env.emu.google.max_in_flight == 2
 
 

@@ -10,8 +10,8 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from daemon.logs import JsonFormatter
-from tests.fixtures import API_KEY, call, clock, emulator, make_service  # noqa: F401
-from tests.test_refresh import BACKEND_TOKEN, backend, settle  # noqa: F401
+from tests.fixtures import API_KEY, call, clock, emulator, make_service, settle  # noqa: F401
+from tests.test_refresh import BACKEND_TOKEN, backend  # noqa: F401
 
 ROOM = "room-1@resource.calendar.google.com"
 ROOM_2 = "room-2@resource.calendar.google.com"

@@ -16,7 +16,7 @@ from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
 from daemon.config import DEFAULT_ROOMS_QUERY
-from tests.fixtures import API_KEY, call, clock, emulator, make_service  # noqa: F401
+from tests.fixtures import API_KEY, call, clock, emulator, make_service, settle  # noqa: F401
 
 ROOM_A = "room-a@resource.calendar.google.com"
 ROOM_B = "room-b@resource.calendar.google.com"
@@ -92,13 +92,6 @@ def backend(io_loop):
 
 def backend_config(backend: FakeBackend, **more: Any) -> dict[str, Any]:
     return {"backend": {"url": backend.url, "token": BACKEND_TOKEN, **more}}
-
-
-async def settle(service, emulator) -> None:
-    """Let background channel work (stops) and Google's webhook calls finish."""
-    for _ in range(3):
-        await service.channels.drain(10)
-        await emulator.google.drain()
 
 
 async def snapshot(service, emulator) -> tuple[Any, ...]:

@@ -3,7 +3,7 @@ background retry, in a late watch answer, after max_retries) gives the old chann
 expired calendar gets a new channel, and renewals of one calendar run one at a time.
 
 Time is the shared ManualClock; the one real timeout is in the late-watch case (as in
-tests/test_channels.py), where a real timeout is the point.
+tests/test_channels.py: the service's own request_timeout), where a real timeout is the point.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from urllib.parse import quote
 import pytest
 
 from storage.base import Channel
-from tests.fixtures import call, clock, emulator, make_service  # noqa: F401
-from tests.test_channels import LATE, google_channels, settle
+from tests.fixtures import CalendarCallsHeld, call, clock, emulator, make_service, settle  # noqa: F401
+from tests.test_channels import LATE, google_channels
 
 ROOM = "room-1@resource.calendar.google.com"
 PATH = "/v1/rooms/" + quote(ROOM)
@@ -103,15 +103,13 @@ async def test_a_successor_whose_late_watch_answer_is_forbidden_gives_the_old_ch
     service = await make_service(LATE, clock=clock, emulator=emulator)
     old_id = await first_channel(service, emulator)
     clock.advance(IN_RENEWAL_WINDOW)
-    # One Google thread: a slow call holds it 0.6 s, then the watch takes 0.6 s and is refused;
-    # 1.2 s against a 1 s request_timeout, while neither call alone trips its socket timeout.
-    emulator.google.inject("list", delay=0.6, calendar_id="blocker@x")
-    emulator.google.inject("watch", delay=0.6, status=403, reason="forbidden", calendar_id=ROOM)
-    blocker = asyncio.ensure_future(service.google.list_events("blocker@x", None))
-    assert (await service.channels.renew_due()).renewed == 1
-    await blocker
-    assert (await stored(service, old_id)).state == "retiring"
-    await settle(service, emulator)  # the late answer: 403
+    # The watch waits in the gateway's thread past request_timeout; released, it is refused.
+    emulator.google.inject("watch", status=403, reason="forbidden", calendar_id=ROOM)
+    with CalendarCallsHeld(service.google) as held:
+        assert (await service.channels.renew_due()).renewed == 1  # its watch call gave up
+        assert (await stored(service, old_id)).state == "retiring"
+        held.release()
+        await settle(service, emulator)  # the late answer: 403
     [successor_id] = [i for i in await states(service) if i != old_id]
     assert await states(service) == {old_id: "active", successor_id: "failed"}
     await assert_renewed_once_more(service, emulator, {old_id, successor_id})

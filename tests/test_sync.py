@@ -1,7 +1,7 @@
 """The syncer against a real SQLite store and the real Calendar gateway on the Google emulator.
 
-Time is a ManualClock shared with the emulator: backoffs end when a test moves it. The only real
-delay is the emulator's injected slow `list`, which makes a burst arrive during a sync.
+Time is a ManualClock shared with the emulator: backoffs end when a test moves it. A `list`
+held at the emulator (inject(..., hold=)) keeps a sync under way for as long as a test needs.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class Env:
     gateways: list[GoogleCalendar] = field(default_factory=list)
     stores: list[SqliteStore] = field(default_factory=list)
     numbers: int = 0
+    releases: list[asyncio.Event] = field(default_factory=list)
 
     @property
     def google(self):
@@ -107,19 +108,13 @@ class Env:
         await self.store.open()
         return self.store
 
-    def list_arrivals(self) -> asyncio.Event:
-        """Set when a `list` call reaches the emulator (before any injected delay): lets a test
-        act while a sync is surely inside its list."""
-        arrived = asyncio.Event()
-        call = self.google.call
-
-        async def spy(method: str, calendar_id: str | None, *args: Any) -> Any:
-            if method == "list":
-                arrived.set()
-            return await call(method, calendar_id, *args)
-
-        self.google.call = spy
-        return arrived
+    def hold_list(self, calendar_id: str = CAL) -> tuple[asyncio.Event, asyncio.Event]:
+        """Hold the calendar's next `list` at the emulator: returns (taken, release); `taken` is
+        set when the call arrives, so a test acts while a sync is surely inside its list."""
+        release = asyncio.Event()
+        self.releases.append(release)
+        failure = self.google.inject("list", calendar_id=calendar_id, hold=release)
+        return failure.taken, release
 
     def list_calls(self, calendar_id: str = CAL) -> int:
         return sum(1 for m, c, _ in self.google.calls if m == "list" and c == calendar_id)
@@ -147,6 +142,8 @@ def env(io_loop, tmp_path, key_info):
     env = Env(clock, emu, store, db_path, str(key_file))
     env.stores.append(store)
     yield env
+    for release in env.releases:
+        release.set()  # a test that failed half-way leaves no call held
     for syncer in env.syncers:
         syncer.close()
     for gateway in env.gateways:
@@ -182,8 +179,7 @@ def targets_of(notification: Notification) -> list[Target]:
 async def test_a_burst_of_ten_is_at_most_two_syncs_and_one_publication(env):
     await env.prime()
     event = env.google.insert_event(CAL, summary="standup")
-    env.google.inject("list", delay=0.2, calendar_id=CAL)  # the burst lands during the first
-    listing = env.list_arrivals()
+    listing, release = env.hold_list()  # the burst lands during the first sync
     syncer = env.syncer()
     stored = [await env.webhook()]
     syncer.kick(CAL)
@@ -191,6 +187,7 @@ async def test_a_burst_of_ten_is_at_most_two_syncs_and_one_publication(env):
     for _ in range(9):
         stored.append(await env.webhook())
         syncer.kick(CAL)
+    release.set()
     await syncer.drain(5)
 
     assert env.list_calls() <= 2
@@ -228,14 +225,24 @@ async def test_syncs_of_different_calendars_do_not_wait_for_each_other(env):
     await env.prime(OTHER)
     one = env.google.insert_event(CAL, summary="one")
     two = env.google.insert_event(OTHER, summary="two")
-    env.google.inject("list", delay=0.3, calendar_id=CAL)
-    syncer = env.syncer()
+    listing, release = env.hold_list(CAL)
+    other_published = asyncio.Event()
+
+    def published(notification: Notification) -> None:
+        env.published.append(notification)
+        if notification.calendar_id == OTHER:
+            other_published.set()
+
+    syncer = env.syncer(on_published=published)
     await env.webhook(CAL)
     syncer.kick(CAL)
+    await listing.wait()
     await env.webhook(OTHER)
     syncer.kick(OTHER)
-    await syncer.drain(5)
+    await asyncio.wait_for(other_published.wait(), 5)  # CAL's list is still held meanwhile
     assert env.google.max_in_flight == 2  # OTHER's list ran while CAL's was held up
+    release.set()
+    await syncer.drain(5)
     by_calendar = {n.calendar_id: n.changes for n in await env.published_in_order()}
     assert by_calendar == {CAL: (expected(one),), OTHER: (expected(two),)}
 
@@ -244,16 +251,18 @@ async def test_syncs_of_different_calendars_do_not_wait_for_each_other(env):
 async def test_a_second_sync_of_a_calendar_waits_for_the_one_under_way(env):
     await env.prime()
     event = env.google.insert_event(CAL, summary="once")
-    env.google.inject("list", delay=0.2, calendar_id=CAL)
-    listing = env.list_arrivals()
+    listing, release = env.hold_list()
     syncer = env.syncer()
     first = await env.webhook()
     running = asyncio.ensure_future(syncer.sync_calendar(CAL))
     await listing.wait()
     second = await env.webhook()
     # Run alongside, it would take both notifications, list from the same token and publish
-    # the change a second time.
-    assert await syncer.sync_calendar(CAL) is None
+    # the change a second time. Started while the first is held, it waits for it (it runs
+    # before the release lets the first go on: tasks run in the order they were scheduled).
+    again = asyncio.ensure_future(syncer.sync_calendar(CAL))
+    release.set()
+    assert await again is None
     published = await running
     assert published is not None and published.id == first.id
     assert published.changes == (expected(event),)
@@ -445,11 +454,14 @@ async def test_a_poll_that_finds_nothing_stores_nothing(env):
 async def test_the_poll_and_a_webhook_sync_publish_a_change_once(env):
     await env.prime()
     event = env.google.insert_event(CAL, summary="seen by both")
-    env.google.inject("list", delay=0.1, calendar_id=CAL)
+    listing, release = env.hold_list()
     syncer = env.syncer()
     await env.webhook()
     syncer.kick(CAL)
-    await asyncio.gather(syncer.poll_all(), syncer.sync_calendar(CAL))
+    await listing.wait()  # the webhook's sync is inside its list
+    both = asyncio.gather(syncer.poll_all(), syncer.sync_calendar(CAL))
+    release.set()
+    await both
     await syncer.drain(5)
     published = await env.published_in_order()
     assert [n.changes for n in published] == [(expected(event),)]
@@ -460,14 +472,14 @@ async def test_the_poll_and_a_webhook_sync_publish_a_change_once(env):
 async def test_the_poll_leaves_out_a_calendar_that_is_syncing(env):
     await env.prime()
     event = env.google.insert_event(CAL, summary="x")
-    env.google.inject("list", delay=0.2, calendar_id=CAL)
-    listing = env.list_arrivals()
+    listing, release = env.hold_list()
     syncer = env.syncer()
     await env.webhook()
     syncer.kick(CAL)
     await listing.wait()
     assert await syncer.poll_all() == 0
     assert env.list_calls() == 0  # the poll made none; the webhook sync's is still running
+    release.set()
     await syncer.drain(5)
     assert env.list_calls() == 1
     assert [n.changes for n in await env.published_in_order()] == [(expected(event),)]

@@ -1,5 +1,6 @@
-"""The emulator's Google state (calendars, events, channels, sync tokens, its clock) in one
-JSON file of the state directory, so that a demo stopped and started again goes on where it was.
+"""The emulator's Google state in one JSON file, so that a restarted demo goes on where it was.
+
+Calendars, events, channels, sync tokens and the clock, in a file of the state directory.
 
 Saved atomically (a temporary file renamed over the old one) soon after each change, at most
 once per SAVE_DELAY, and at stop; loaded before the emulator listens. What is not kept: FCM
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.emulator.app import Emulator, OffsetClock
-from daemon.emulator.google import Calendar, Channel, Event
+from daemon.emulator.google.model import Calendar, Channel, Event
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ MAX_DEAD_CHANNELS = 1000  # stopped or expired channels kept (live ones all are)
 class StateKeeper:
     """Loads an emulator's state from `path` and keeps the file up to date.
 
-    It reads and writes the Google emulator's private tables: this module is its storage
-    half, kept apart so that google.py stays about Google's behaviour.
+    It reads and writes the tables of the Google emulator's parts: this module is its storage
+    half, kept apart so that the google package stays about Google's behaviour.
     """
 
     def __init__(self, emulator: Emulator, path: Path, delay: float = SAVE_DELAY) -> None:
@@ -114,7 +115,8 @@ class StateKeeper:
 def dump(emulator: Emulator) -> dict[str, Any]:
     google = emulator.google
     now = google.now()
-    channels = list(google._channels.values())
+    calendars = google.calendar_set
+    channels = list(google.channel_set.by_id.values())
     dead = [c for c in channels if c.stopped or c.expiration <= now]
     dead.sort(key=lambda c: c.expiration)
     kept = {c.id for c in channels if not (c.stopped or c.expiration <= now)}
@@ -123,13 +125,13 @@ def dump(emulator: Emulator) -> dict[str, Any]:
         "version": VERSION,
         "port": emulator.port,
         "clock_offset": emulator.clock.offset if isinstance(emulator.clock, OffsetClock) else 0.0,
-        "google_offset": google._offset,
-        "calendars": [_calendar(c) for c in google._calendars.values()],
-        "deleted": sorted(google._deleted),
+        "google_offset": google.offset,
+        "calendars": [_calendar(c) for c in calendars.by_id.values()],
+        "deleted": sorted(calendars.deleted),
         "channels": [_channel(c) for c in channels if c.id in kept],
         "sync_tokens": [
             [token, p.calendar_id, p.change, p.generation]
-            for token, p in google._sync_tokens.items()
+            for token, p in calendars.sync_tokens.items()
         ],
     }
 
@@ -160,12 +162,12 @@ def _channel(channel: Channel) -> dict[str, Any]:
 
 
 def reset(emulator: Emulator) -> None:
-    google = emulator.google
-    google._calendars.clear()
-    google._deleted.clear()
-    google._channels.clear()
-    google._sync_tokens.clear()
-    google._issued.clear()
+    calendars = emulator.google.calendar_set
+    calendars.by_id.clear()
+    calendars.deleted.clear()
+    calendars.sync_tokens.clear()
+    calendars.issued.clear()
+    emulator.google.channel_set.by_id.clear()
 
 
 def restore(emulator: Emulator, data: dict[str, Any]) -> None:
@@ -174,7 +176,8 @@ def restore(emulator: Emulator, data: dict[str, Any]) -> None:
     google = emulator.google
     if isinstance(emulator.clock, OffsetClock):
         emulator.clock.offset = float(data["clock_offset"])
-    google._offset = float(data["google_offset"])
+    google.offset = float(data["google_offset"])
+    calendars, channels = google.calendar_set, google.channel_set
     for item in data["calendars"]:
         calendar = Calendar(
             str(item["id"]),
@@ -185,13 +188,13 @@ def restore(emulator: Emulator, data: dict[str, Any]) -> None:
         for fields in item["events"]:
             event = Event(**fields)
             calendar.events[event.id] = event
-        google._calendars[calendar.id] = calendar
-    google._deleted.update(str(calendar_id) for calendar_id in data["deleted"])
+        calendars.by_id[calendar.id] = calendar
+    calendars.deleted.update(str(calendar_id) for calendar_id in data["deleted"])
     for item in data["channels"]:
         channel = Channel(**item)
         if channel.sync_started:
             channel.sync_done.set()  # nobody waits for a sync sent by the previous run
-        google._channels[channel.id] = channel
+        channels.by_id[channel.id] = channel
     on_change, google.on_change = google.on_change, None
     try:
         for token, calendar_id, change, generation in data["sync_tokens"]:

@@ -63,7 +63,7 @@ async def test_a_restarted_emulator_knows_calendars_events_channels_and_sync_tok
     with pytest.raises(GoogleApiError) as missing:
         again.google.list_events("gone@x", {})
     assert missing.value.status == 404  # deleted stays deleted
-    restored = again.google._channels["chan-1"]
+    restored = again.google.channel("chan-1")
     assert restored.resource_id == answer["resourceId"] and restored.sync_done.is_set()
 
 
@@ -98,7 +98,7 @@ async def test_changes_are_saved_once_per_burst_and_at_stop(tmp_path):
 def test_an_unusable_state_file_is_moved_aside_and_the_emulator_starts_empty(tmp_path):
     (tmp_path / STATE_FILE).write_text('{"version": 1, "calendars": [{"id": 1}]}')
     emulator, _ = fresh(tmp_path)
-    assert emulator.google._calendars == {}
+    assert emulator.google.calendar_ids() == []
     assert (tmp_path / (STATE_FILE + ".broken")).exists()
     assert not (tmp_path / STATE_FILE).exists()
 

@@ -435,6 +435,20 @@ async def test_hold_keeps_answers_until_released_without_a_clock(env):
     assert (await sending[0])[0] == 200
 
 
+@pytest.mark.gen_test(timeout=10)
+async def test_stop_holding_answers_new_requests_and_keeps_the_held_ones(env):
+    env.fcm.hold_answers(TOKEN)
+    held = asyncio.ensure_future(env.send({"message": message()}))
+    await env.fcm.wait_for_attempts(TOKEN, 1)
+    env.fcm.stop_holding(TOKEN)
+    status, _, _ = await env.send({"message": message()})
+    assert status == 200
+    assert not held.done() and env.fcm.held == 1  # only release() lets the first one go
+    env.fcm.release()
+    assert (await held)[0] == 200
+    assert env.fcm.held == 0 and len(env.fcm.messages(TOKEN)) == 2
+
+
 # -- waiting -------------------------------------------------------------------------
 
 

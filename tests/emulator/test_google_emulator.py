@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import itertools
 import json
@@ -435,7 +436,7 @@ async def test_watch_answer_and_stop(emu, receiver):
     assert channel == {
         "kind": "api#channel",
         "id": "chan-1",
-        "resourceId": emu.google._calendars[CAL].resource_id,
+        "resourceId": emu.google.calendar(CAL).resource_id,
         "resourceUri": f"https://www.googleapis.com/calendar/v3/calendars/{quoted(CAL)}/events?alt=json",
         "token": "tok",
         "expiration": str(int((emu.clock.now() + 3600) * 1000)),
@@ -471,10 +472,25 @@ async def test_watch_bodies_are_checked(emu, receiver, bad):
 
 @pytest.mark.gen_test(timeout=10)
 async def test_late_watch_still_makes_the_channel(emu, receiver):
-    emu.google.inject("watch", delay=0.05)  # delay then success: a late answer
+    release = asyncio.Event()
+    held = emu.google.inject("watch", hold=release)  # held, then success: a late answer
+    watching = asyncio.ensure_future(watch(emu, receiver))
+    await held.taken.wait()
+    assert emu.google.channels() == [] and not watching.done()  # nothing until let go
+    release.set()
+    status, _channel, _ = await watching
+    assert status == 200
+    assert emu.google.channels()[0]["state"] == "live"
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_delay_without_an_error_over_the_control_api_is_a_late_answer(emu, receiver):
+    failure = {"method": "watch", "delay": 0.01}  # any delay: nothing here depends on its length
+    assert (await call(emu, "POST", "/emulator/google/failures", failure, auth=None))[0] == 204
     status, _channel, _ = await watch(emu, receiver)
     assert status == 200
     assert emu.google.channels()[0]["state"] == "live"
+    assert emu.google.calls == [("watch", CAL, 200)]
 
 
 @pytest.mark.gen_test(timeout=10)
