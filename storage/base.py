@@ -157,7 +157,7 @@ class Lease:
 
 @dataclass(frozen=True)
 class RetrySkip:
-    """A delivery a retry left as it was, and why (storage/delivery_retry.py: the reasons)."""
+    """A delivery a retry left as it was, and why (storage/rules.py: the reasons)."""
 
     id: int
     reason: str
@@ -271,8 +271,9 @@ class Store(Protocol):
         with an expiration below it (channels without one are left out)."""
 
     async def update_channel(self, channel_id: str, now: float, **fields: Any) -> Channel | None:
-        """Set the given fields (any Channel field but id, calendar_id, created_at) and
-        updated_at; returns the new channel, None when unknown."""
+        """Set the given fields and updated_at (rules.channel_update: a field that is not an
+        updatable Channel field is a TypeError, an unknown state a ValueError); returns the new
+        channel, None when unknown."""
 
     async def confirm_channel(
         self, channel_id: str, resource_id: str, now: float
@@ -381,7 +382,8 @@ class Store(Protocol):
         (`after`/`up_to` then bound the id)."""
 
     async def last_seq(self) -> int:
-        """The highest seq given so far (0 before any)."""
+        """The highest seq a reader can see, or purged_through_seq when that is higher (0
+        before any): a seq taken by a publication that never became visible does not count."""
 
     async def purge_notifications(self, published_before: float, received_before: float) -> int:
         """Drop published notifications published before `published_before` whose deliveries
@@ -416,7 +418,8 @@ class Store(Protocol):
         last_error: str | None = None,
     ) -> Delivery | None:
         """Record an outcome: `sent`, `failed`, `cancelled`, or `pending` again with its next
-        attempt time. A delivery that was cancelled or expired meanwhile stays so. Returns it."""
+        attempt time (any other state is a ValueError, rules.check_finish). A delivery that was
+        cancelled or expired meanwhile stays so. Returns it."""
 
     async def cancel_deliveries(self, calendar_id: str, token: str | None = None) -> int:
         """Cancel the non-final deliveries of a calendar (only those to `token` when given)."""
@@ -461,7 +464,7 @@ class Store(Protocol):
         attempts 0, last_error and lease cleared and created_at = `now` (so that retention
         counts from the retry, not from the first try). Either the deliveries named by `ids`
         or every one in `state`. Left as they are, and reported in `skipped` with the reason
-        of storage/delivery_retry.py: ids not stored, deliveries in another state, and those
+        of storage/rules.py: ids not stored, deliveries in another state, and those
         whose room is gone or whose FCM token has left the room (a token dropped since is
         never resurrected)."""
 

@@ -22,7 +22,7 @@ from typing import Any, cast
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from storage import mongo_counts, mongo_lease, mongo_outbox
+from storage import mongo_counts, mongo_lease, mongo_outbox, rules
 from storage.base import (
     Channel,
     ChannelState,
@@ -52,13 +52,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DATABASE = "mrm_push"
 Doc = dict[str, Any]
 
-_NON_FINAL = ["pending", "in_flight"]
-_UPDATABLE_CHANNEL_FIELDS = frozenset(f.name for f in dataclass_fields(Channel)) - {
-    "id",
-    "calendar_id",
-    "created_at",
-    "updated_at",
-}
+_NON_FINAL = list(rules.NON_FINAL_STATES)
 _ROOM_WRITE_TRIES = 100  # optimistic retries of a room write before giving up
 
 # (collection, keys, options). Explicit names keep create_index idempotent across versions.
@@ -100,10 +94,6 @@ _INDEXES: list[tuple[str, list[tuple[str, int]], Doc]] = [
     ("stopped", [("until", 1), ("_id", 1)], {"name": "until"}),
     mongo_counts.INDEX,
 ]
-
-
-def _dedupe(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
 
 
 def _opt_float(value: Any) -> float | None:
@@ -174,6 +164,17 @@ def _notification(doc: Doc, deliveries: tuple[Delivery, ...] = ()) -> Notificati
         published_at=_opt_float(doc.get("published_at")),
         deliveries=deliveries,
     )
+
+
+def _without_tombstones(
+    tombstones: list[Doc], change: rules.TokenChange | None, now: float, also: str | None = None
+) -> list[Doc]:
+    """The room's tombstones less those a change clears (and `also`); expired ones go too, so
+    that the list does not grow for ever."""
+    cleared = set(change.clear_tombstones) if change is not None else set()
+    if also is not None:
+        cleared.add(also)
+    return [t for t in tombstones if t["token"] not in cleared and t["until"] > now]
 
 
 class MongoStore:
@@ -340,74 +341,76 @@ class MongoStore:
     async def put_room(
         self, calendar_id: str, name: str | None, firebase_tokens: list[str] | None, now: float
     ) -> tuple[Room, bool]:
-        tokens = None if firebase_tokens is None else _dedupe(firebase_tokens)
+        made: list[rules.TokenChange] = []
 
         def change(doc: Doc | None) -> Doc:
+            made.clear()
+            current = None if doc is None else doc["tokens"]
             if doc is None:
-                return {
+                doc = {
                     "_id": calendar_id,
-                    "name": name or "",
-                    "tokens": tokens or [],
+                    "name": "",
+                    "tokens": [],
                     "tombstones": [],
                     "created_at": now,
-                    "updated_at": now,
                 }
             new = dict(doc, updated_at=now)
             if name is not None:
                 new["name"] = name
-            if tokens is not None:
-                new["tokens"] = tokens
-                named = set(tokens)
-                new["tombstones"] = [t for t in doc["tombstones"] if t["token"] not in named]
+            if firebase_tokens is not None:
+                tokens = rules.replace_tokens(current, firebase_tokens)
+                made.append(tokens)
+                new["tokens"] = tokens.tokens
+                new["tombstones"] = _without_tombstones(doc["tombstones"], tokens, now)
             return new
 
         async with self._op() as db:
             before, after, _ = await self._change_room(db, calendar_id, change)
-            if before is not None and tokens is not None:
-                dropped = set(before["tokens"]) - set(tokens)
-                await self._cancel_token_deliveries(db, calendar_id, sorted(dropped), now)
+            for tokens in made:
+                await self._cancel_token_deliveries(db, calendar_id, tokens.cancel, now)
         assert after is not None  # change() always writes
         return _room(after), before is None
 
     async def add_tokens(
         self, calendar_id: str, tokens: list[str], now: float, *, respect_tombstones: bool
     ) -> tuple[Room, list[str]] | None:
-        added: list[str] = []
+        made: list[rules.TokenChange] = []
 
         def change(doc: Doc | None) -> Doc | None:
-            added.clear()
+            made.clear()
             if doc is None:
                 return None
-            current = list(doc["tokens"])
-            wanted = _dedupe(tokens)
             live = {t["token"] for t in doc["tombstones"] if t["until"] > now}
-            tombstones = list(doc["tombstones"])
-            if not respect_tombstones:
-                tombstones = [t for t in tombstones if t["token"] not in set(wanted)]
-            for token in wanted:
-                if token in current or (respect_tombstones and token in live):
-                    continue
-                current.append(token)
-                added.append(token)
-            if not added and tombstones == doc["tombstones"]:
+            added = rules.add_tokens(
+                doc["tokens"], tokens, live, respect_tombstones=respect_tombstones
+            )
+            made.append(added)
+            tombstones = _without_tombstones(doc["tombstones"], added, now)
+            if not added.changed and tombstones == doc["tombstones"]:
                 return None
-            return dict(doc, tokens=current, tombstones=tombstones, updated_at=now)
+            new = dict(doc, tokens=added.tokens, tombstones=tombstones)
+            if added.changed:
+                new["updated_at"] = now
+            return new
 
         async with self._op() as db:
             _, after, _ = await self._change_room(db, calendar_id, change)
-        return None if after is None else (_room(after), list(added))
+        return None if after is None else (_room(after), made[0].added)
 
     async def remove_token(self, calendar_id: str, token: str, now: float) -> bool:
+        removed = rules.remove_token([], token)
+
         def change(doc: Doc | None) -> Doc | None:
-            if doc is None or token not in doc["tokens"]:
+            nonlocal removed
+            removed = rules.remove_token([] if doc is None else doc["tokens"], token)
+            if doc is None or not removed.changed:
                 return None
-            tokens = [t for t in doc["tokens"] if t != token]
-            return dict(doc, tokens=tokens, updated_at=now)
+            return dict(doc, tokens=removed.tokens, updated_at=now)
 
         async with self._op() as db:
-            _, _, written = await self._change_room(db, calendar_id, change)
-            await self._cancel_token_deliveries(db, calendar_id, [token], now)
-        return written
+            await self._change_room(db, calendar_id, change)
+            await self._cancel_token_deliveries(db, calendar_id, removed.cancel, now)
+        return removed.changed
 
     @staticmethod
     async def _cancel_token_deliveries(
@@ -430,26 +433,25 @@ class MongoStore:
             )
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
-        was_in = False
+        removed = rules.remove_token([], token)
 
         def change(doc: Doc | None) -> Doc | None:
-            nonlocal was_in
-            was_in = doc is not None and token in doc["tokens"]
+            nonlocal removed
+            removed = rules.remove_token([] if doc is None else doc["tokens"], token)
             if doc is None:
                 return None
-            # Expired tombstones go too, so the list does not grow for ever.
-            tombstones = [t for t in doc["tombstones"] if t["token"] != token and t["until"] > now]
+            tombstones = _without_tombstones(doc["tombstones"], None, now, also=token)
             tombstones.append({"token": token, "until": until})
             new = dict(doc, tombstones=tombstones)
-            if was_in:
-                new["tokens"] = [t for t in doc["tokens"] if t != token]
+            if removed.changed:
+                new["tokens"] = removed.tokens
                 new["updated_at"] = now
             return new
 
         async with self._op() as db:
             await self._change_room(db, calendar_id, change)
-        await self.cancel_deliveries(calendar_id, token)
-        return was_in
+            await self._cancel_token_deliveries(db, calendar_id, removed.cancel, now)
+        return removed.changed
 
     async def tombstoned_tokens(self, calendar_id: str, now: float) -> set[str]:
         async with self._op() as db:
@@ -497,13 +499,11 @@ class MongoStore:
         return [_channel(doc) for doc in docs]
 
     async def update_channel(self, channel_id: str, now: float, **fields: Any) -> Channel | None:
-        unknown = set(fields) - _UPDATABLE_CHANNEL_FIELDS
-        if unknown:
-            raise ValueError(f"update_channel: cannot set {sorted(unknown)}")
+        values = rules.channel_update(fields)
         async with self._op() as db:
             doc = await db.channels.find_one_and_update(
                 {"_id": channel_id},
-                {"$set": {**fields, "updated_at": now}},
+                {"$set": {**values, "updated_at": now}},
                 return_document=ReturnDocument.AFTER,
             )
         return None if doc is None else _channel(doc)
@@ -817,11 +817,9 @@ class MongoStore:
         if limit <= 0:
             return []
         filt: Doc = {}
-        if calendar_ids is not None:
-            wanted = [c for c in calendar_ids if calendar_id is None or c == calendar_id]
-            filt["calendar_id"] = {"$in": wanted}
-        elif calendar_id is not None:
-            filt["calendar_id"] = calendar_id
+        wanted = rules.calendars(calendar_id, calendar_ids)
+        if wanted is not None:
+            filt["calendar_id"] = wanted[0] if len(wanted) == 1 else {"$in": wanted}
         key = "_id" if include_unpublished else "seq"
         if not include_unpublished:
             filt["state"] = "published"
@@ -848,51 +846,52 @@ class MongoStore:
         return max(visible, int(purged or 0))
 
     async def purge_notifications(self, published_before: float, received_before: float) -> int:
-        removed = 0
         async with self._op() as db:
+            # Narrowed by the rule's own terms (indexed); rules.purge_plan decides.
             cursor = db.notifications.find(
-                {"state": "published", "published_at": {"$lt": published_before}},
-                {"_id": 1, "seq": 1},
+                {
+                    "$or": [
+                        {"state": "published", "published_at": {"$lt": published_before}},
+                        {"state": "skipped", "received_at": {"$lt": received_before}},
+                    ]
+                },
+                {"_id": 1, "state": 1, "seq": 1, "published_at": 1, "received_at": 1},
             )
-            candidates = {int(d["_id"]): int(d["seq"]) for d in await cursor.to_list(None)}
-            if candidates:
-                busy = await db.deliveries.distinct(
-                    "notification_id",
-                    {
-                        "notification_id": {"$in": list(candidates)},
-                        "$or": [
-                            {"state": {"$in": _NON_FINAL}},
-                            {"updated_at": {"$gte": published_before}},
-                        ],
-                    },
+            candidates = [
+                rules.PurgeCandidate(
+                    int(d["_id"]),
+                    d["state"],
+                    None if d.get("seq") is None else int(d["seq"]),
+                    _opt_float(d.get("published_at")),
+                    float(d["received_at"]),
                 )
-                for nid in busy:
-                    candidates.pop(int(nid), None)
-            if candidates:
+                for d in await cursor.to_list(None)
+            ]
+            if not candidates:
+                return 0
+            cursor = db.deliveries.find(
+                {"notification_id": {"$in": [c.id for c in candidates]}},
+                {"notification_id": 1, "state": 1, "updated_at": 1},
+            )
+            found = [
+                (int(d["notification_id"]), d["state"], float(d["updated_at"]))
+                for d in await cursor.to_list(None)
+            ]
+            going, top = rules.purge_plan(candidates, found, published_before, received_before)
+            if not going:
+                return 0
+            if top:
                 # Remembered before the deletion: a reader that finds a seq missing also finds
                 # that the replay is incomplete.
                 await db.meta.update_one(
-                    {"_id": "purged_through_seq"},
-                    {"$max": {"value": max(candidates.values())}},
-                    upsert=True,
+                    {"_id": "purged_through_seq"}, {"$max": {"value": top}}, upsert=True
                 )
-                ids = list(candidates)
-                result = await db.notifications.delete_many(
-                    {"_id": {"$in": ids}, "state": "published"}
-                )
-                removed += int(result.deleted_count)
-                await db.deliveries.delete_many({"notification_id": {"$in": ids}})
-            cursor = db.notifications.find(
-                {"state": "skipped", "received_at": {"$lt": received_before}}, {"_id": 1}
+            # A notification that changed meanwhile (another process) stays.
+            result = await db.notifications.delete_many(
+                {"_id": {"$in": going}, "state": {"$in": ["published", "skipped"]}}
             )
-            skipped = [d["_id"] for d in await cursor.to_list(None)]
-            if skipped:
-                result = await db.notifications.delete_many(
-                    {"_id": {"$in": skipped}, "state": "skipped"}
-                )
-                removed += int(result.deleted_count)
-                await db.deliveries.delete_many({"notification_id": {"$in": skipped}})
-        return removed
+            await db.deliveries.delete_many({"notification_id": {"$in": going}})
+        return int(result.deleted_count)
 
     async def purged_through_seq(self) -> int:
         async with self._op() as db:
@@ -980,6 +979,7 @@ class MongoStore:
         next_attempt_at: float | None = None,
         last_error: str | None = None,
     ) -> Delivery | None:
+        rules.check_finish(state)
         changes: Doc = {"state": state, "updated_at": now, "lease_until": None}
         if attempts is not None:
             changes["attempts"] = attempts
@@ -996,11 +996,11 @@ class MongoStore:
                         return None
                     next_attempt_at = float(current["next_attempt_at"])
                 changes["due"] = next_attempt_at
-            elif state != "in_flight":
+            else:
                 update["$unset"] = {"due": ""}
             # A delivery cancelled or expired meanwhile stays so.
             doc = await db.deliveries.find_one_and_update(
-                {"_id": delivery_id, "state": {"$nin": ["cancelled", "expired"]}},
+                {"_id": delivery_id, "state": {"$nin": list(rules.STICKY_STATES)}},
                 update,
                 return_document=ReturnDocument.AFTER,
             )
@@ -1076,8 +1076,7 @@ class MongoStore:
         ids: list[int] | None = None,
         state: RetryableState | None = None,
     ) -> RetryOutcome:
-        if (ids is None) == (state is None):
-            raise ValueError("retry_deliveries: give ids or state")
+        rules.check_retry(ids, state)
         async with self._op() as db:
             return await mongo_outbox.retry(db, now, ids, state)
 

@@ -20,7 +20,7 @@ from storage.base import (
     Target,
     TargetKind,
 )
-from storage.delivery_retry import RoomTokens, plan, target_refusal
+from storage.rules import RoomTokens, retry_plan, target_refusal
 
 Doc = dict[str, Any]
 _VISIBLE: Doc = {"held": {"$exists": False}}
@@ -99,7 +99,9 @@ async def retry(
         filt["state"] = state
     docs = await db.deliveries.find(filt).sort([("_id", 1)]).to_list(None)
     deliveries = [delivery_from_doc(doc) for doc in docs]
-    outcome = plan(deliveries, await _rooms(db, {d.calendar_id for d in deliveries}, now), ids)
+    outcome = retry_plan(
+        deliveries, await _rooms(db, {d.calendar_id for d in deliveries}, now), ids
+    )
     if not outcome.retried:
         return outcome
     await db.deliveries.update_many(

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from storage import sqlite_counts, sqlite_health, sqlite_lease, sqlite_outbox
+from storage import rules, sqlite_counts, sqlite_health, sqlite_lease, sqlite_outbox
 from storage.base import (
-    CHANNEL_STATES,
     Channel,
     ChannelState,
     ChannelStop,
@@ -53,13 +52,6 @@ _TRANSIENT_ERRORS = (
     "SQLITE_CANTOPEN",
     "SQLITE_FULL",
 )
-_FINISH_STATES = frozenset({"pending", "sent", "failed", "cancelled"})
-_CHANNEL_FIELDS = frozenset(f.name for f in dataclasses.fields(Channel)) - {
-    "id",
-    "calendar_id",
-    "created_at",
-    "updated_at",
-}
 
 
 async def _migration_1(db: aiosqlite.Connection) -> None:
@@ -185,10 +177,6 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"sqlite: {exc}")
 
 
-def _dedupe(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
 def _time(value: float | None) -> float | None:
     # RETURNING hands back whole REAL values as ints (SQLite stores them so); keep floats.
     return None if value is None else float(value)
@@ -261,16 +249,23 @@ async def _one(db: aiosqlite.Connection, sql: str, params: Params = ()) -> sqlit
     return rows[0] if rows else None
 
 
-async def _cancel_token_deliveries(
-    db: aiosqlite.Connection, calendar_id: str, tokens: list[str], now: float
+async def _apply_token_change(
+    db: aiosqlite.Connection, calendar_id: str, change: rules.TokenChange, now: float
 ) -> None:
-    """A token that left a room takes its non-final deliveries with it (contract 2)."""
-    if tokens:
+    """The tombstones a change clears, and the deliveries it cancels: a token that left a room
+    takes its non-final deliveries with it (contract 2)."""
+    if change.clear_tombstones:
+        await db.execute(
+            "DELETE FROM tombstones WHERE calendar_id = ?"
+            " AND token IN (SELECT value FROM json_each(?))",
+            (calendar_id, json.dumps(change.clear_tombstones)),
+        )
+    if change.cancel:
         await db.execute(
             "UPDATE deliveries SET state = 'cancelled', lease_until = NULL, updated_at = ?"
             " WHERE calendar_id = ? AND state IN ('pending', 'in_flight')"
             " AND target_token IN (SELECT value FROM json_each(?))",
-            (now, calendar_id, json.dumps(tokens)),
+            (now, calendar_id, json.dumps(change.cancel)),
         )
 
 
@@ -487,34 +482,27 @@ class SqliteStore:
     async def put_room(
         self, calendar_id: str, name: str | None, firebase_tokens: list[str] | None, now: float
     ) -> tuple[Room, bool]:
-        tokens = _dedupe(firebase_tokens) if firebase_tokens is not None else None
         async with self._transaction() as db:
             old = await _one(db, "SELECT * FROM rooms WHERE calendar_id = ?", (calendar_id,))
+            current = None if old is None else json.loads(old["firebase_tokens"])
+            change = None
+            if firebase_tokens is not None:
+                change = rules.replace_tokens(current, firebase_tokens)
+            tokens = change.tokens if change is not None else current or []
             if old is None:
                 await db.execute(
                     "INSERT INTO rooms (calendar_id, name, firebase_tokens, created_at,"
                     " updated_at) VALUES (?, ?, ?, ?, ?)",
-                    (calendar_id, name or "", json.dumps(tokens or []), now, now),
+                    (calendar_id, name or "", json.dumps(tokens), now, now),
                 )
             else:
                 await db.execute(
                     "UPDATE rooms SET name = ?, firebase_tokens = ?, updated_at = ?"
                     " WHERE calendar_id = ?",
-                    (
-                        old["name"] if name is None else name,
-                        old["firebase_tokens"] if tokens is None else json.dumps(tokens),
-                        now,
-                        calendar_id,
-                    ),
+                    (old["name"] if name is None else name, json.dumps(tokens), now, calendar_id),
                 )
-            if tokens:
-                await db.executemany(
-                    "DELETE FROM tombstones WHERE calendar_id = ? AND token = ?",
-                    [(calendar_id, token) for token in tokens],
-                )
-            if old is not None and tokens is not None:
-                dropped = set(json.loads(old["firebase_tokens"])) - set(tokens)
-                await _cancel_token_deliveries(db, calendar_id, sorted(dropped), now)
+            if change is not None:
+                await _apply_token_change(db, calendar_id, change, now)
             row = await _one(db, "SELECT * FROM rooms WHERE calendar_id = ?", (calendar_id,))
         assert row is not None
         return _room(row), old is None
@@ -535,67 +523,55 @@ class SqliteStore:
                     db, "SELECT token FROM tombstones WHERE calendar_id = ?", (calendar_id,)
                 )
             }
-            current: list[str] = json.loads(row["firebase_tokens"])
-            added: list[str] = []
-            for token in _dedupe(tokens):
-                if token in buried:
-                    if respect_tombstones:
-                        continue
-                    await db.execute(
-                        "DELETE FROM tombstones WHERE calendar_id = ? AND token = ?",
-                        (calendar_id, token),
-                    )
-                if token not in current:
-                    current.append(token)
-                    added.append(token)
-            if added:
+            change = rules.add_tokens(
+                json.loads(row["firebase_tokens"]),
+                tokens,
+                buried,
+                respect_tombstones=respect_tombstones,
+            )
+            await _apply_token_change(db, calendar_id, change, now)
+            if change.changed:
                 await db.execute(
                     "UPDATE rooms SET firebase_tokens = ?, updated_at = ? WHERE calendar_id = ?",
-                    (json.dumps(current), now, calendar_id),
+                    (json.dumps(change.tokens), now, calendar_id),
                 )
                 row = await _one(db, "SELECT * FROM rooms WHERE calendar_id = ?", (calendar_id,))
                 assert row is not None
-        return _room(row), added
+        return _room(row), change.added
 
     async def _drop_token(
         self, db: aiosqlite.Connection, calendar_id: str, token: str, now: float
-    ) -> bool:
+    ) -> tuple[bool, bool]:
+        """Take the token out of the room's set and cancel its deliveries; returns (whether
+        the room exists, whether the token was in its set)."""
         row = await _one(
             db, "SELECT firebase_tokens FROM rooms WHERE calendar_id = ?", (calendar_id,)
         )
-        if row is None:
-            return False
-        current: list[str] = json.loads(row["firebase_tokens"])
-        if token not in current:
-            return False
-        current.remove(token)
-        await db.execute(
-            "UPDATE rooms SET firebase_tokens = ?, updated_at = ? WHERE calendar_id = ?",
-            (json.dumps(current), now, calendar_id),
+        change = rules.remove_token(
+            [] if row is None else json.loads(row["firebase_tokens"]), token
         )
-        return True
+        if change.changed:
+            await db.execute(
+                "UPDATE rooms SET firebase_tokens = ?, updated_at = ? WHERE calendar_id = ?",
+                (json.dumps(change.tokens), now, calendar_id),
+            )
+        await _apply_token_change(db, calendar_id, change, now)
+        return row is not None, change.changed
 
     async def remove_token(self, calendar_id: str, token: str, now: float) -> bool:
         async with self._transaction() as db:
-            removed = await self._drop_token(db, calendar_id, token, now)
-            await _cancel_token_deliveries(db, calendar_id, [token], now)
+            _, removed = await self._drop_token(db, calendar_id, token, now)
             return removed
 
     async def tombstone_token(self, calendar_id: str, token: str, until: float, now: float) -> bool:
         async with self._transaction() as db:
-            was_there = await self._drop_token(db, calendar_id, token, now)
-            exists = await _one(db, "SELECT 1 FROM rooms WHERE calendar_id = ?", (calendar_id,))
-            if exists is not None:
+            exists, was_there = await self._drop_token(db, calendar_id, token, now)
+            if exists:
                 await db.execute(
                     "INSERT INTO tombstones (calendar_id, token, until) VALUES (?, ?, ?)"
                     " ON CONFLICT (calendar_id, token) DO UPDATE SET until = excluded.until",
                     (calendar_id, token, until),
                 )
-            await db.execute(
-                "UPDATE deliveries SET state = 'cancelled', lease_until = NULL, updated_at = ?"
-                " WHERE calendar_id = ? AND target_token = ? AND state IN ('pending', 'in_flight')",
-                (now, calendar_id, token),
-            )
         return was_there
 
     async def tombstoned_tokens(self, calendar_id: str, now: float) -> set[str]:
@@ -665,12 +641,7 @@ class SqliteStore:
         return [_channel(row) for row in rows]
 
     async def update_channel(self, channel_id: str, now: float, **fields: Any) -> Channel | None:
-        unknown = set(fields) - _CHANNEL_FIELDS
-        if unknown:
-            raise TypeError(f"update_channel: cannot set {', '.join(sorted(unknown))}")
-        if "state" in fields and fields["state"] not in CHANNEL_STATES:
-            raise ValueError(f"update_channel: unknown state {fields['state']!r}")
-        values = dict(fields)
+        values = rules.channel_update(fields)
         if "confirmed" in values:
             values["confirmed"] = int(bool(values["confirmed"]))
         values["updated_at"] = now
@@ -953,23 +924,44 @@ class SqliteStore:
         return int(row[0]) if row is not None else 0
 
     async def last_seq(self) -> int:
-        return await self._meta_int("seq")
+        async with self._session() as db:
+            row = await _one(
+                db,
+                "SELECT max(coalesce((SELECT max(seq) FROM notifications), 0),"
+                " (SELECT value FROM meta WHERE key = 'purged_through_seq'))",
+            )
+        return int(row[0]) if row is not None else 0
 
     async def purge_notifications(self, published_before: float, received_before: float) -> int:
         async with self._transaction() as db:
+            # Narrowed by the rule's own terms (indexed); rules.purge_plan decides.
             rows = await _all(
                 db,
-                "SELECT id, seq FROM notifications AS n WHERE (state = 'published'"
-                " AND published_at < ?1 AND NOT EXISTS (SELECT 1 FROM deliveries AS d"
-                " WHERE d.notification_id = n.id AND (d.state IN ('pending', 'in_flight')"
-                " OR d.updated_at >= ?1)))"
-                " OR (state = 'skipped' AND received_at < ?2)",
+                "SELECT id, state, seq, published_at, received_at FROM notifications"
+                " WHERE (state = 'published' AND published_at < ?) OR"
+                " (state = 'skipped' AND received_at < ?)",
                 (published_before, received_before),
             )
             if not rows:
                 return 0
-            ids = json.dumps([row["id"] for row in rows])
-            top = max((row["seq"] for row in rows if row["seq"] is not None), default=0)
+            candidates = [
+                rules.PurgeCandidate(
+                    r["id"], r["state"], r["seq"], _time(r["published_at"]), r["received_at"]
+                )
+                for r in rows
+            ]
+            found = await _all(
+                db,
+                "SELECT notification_id, state, updated_at FROM deliveries"
+                " WHERE notification_id IN (SELECT value FROM json_each(?))",
+                (json.dumps([c.id for c in candidates]),),
+            )
+            going, top = rules.purge_plan(
+                candidates, [tuple(r) for r in found], published_before, received_before
+            )
+            if not going:
+                return 0
+            ids = json.dumps(going)
             await db.execute(
                 "DELETE FROM deliveries WHERE notification_id IN (SELECT value FROM json_each(?))",
                 (ids,),
@@ -980,7 +972,7 @@ class SqliteStore:
             await db.execute(
                 "UPDATE meta SET value = max(value, ?) WHERE key = 'purged_through_seq'", (top,)
             )
-        return len(rows)
+        return len(going)
 
     async def purged_through_seq(self) -> int:
         return await self._meta_int("purged_through_seq")
@@ -1024,8 +1016,7 @@ class SqliteStore:
         next_attempt_at: float | None = None,
         last_error: str | None = None,
     ) -> Delivery | None:
-        if state not in _FINISH_STATES:
-            raise ValueError(f"finish_delivery: cannot finish as {state!r}")
+        rules.check_finish(state)
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE deliveries SET state = ?, updated_at = ?, lease_until = NULL,"
@@ -1108,8 +1099,7 @@ class SqliteStore:
         ids: list[int] | None = None,
         state: RetryableState | None = None,
     ) -> RetryOutcome:
-        if (ids is None) == (state is None):
-            raise ValueError("retry_deliveries: give ids or state")
+        rules.check_retry(ids, state)
         async with self._transaction() as db:
             return await sqlite_outbox.retry(db, now, ids, state)
 

@@ -18,7 +18,7 @@ from storage.base import (
     Target,
     TargetKind,
 )
-from storage.delivery_retry import RoomTokens, plan
+from storage.rules import RoomTokens, retry_plan
 
 
 def delivery_from_row(row: sqlite3.Row) -> Delivery:
@@ -127,7 +127,7 @@ async def retry(
         found = await _rows(db, "SELECT * FROM deliveries WHERE state = ? ORDER BY id", [state])
     deliveries = [delivery_from_row(row) for row in found]
     rooms = await _rooms(db, {d.calendar_id for d in deliveries}, now)
-    outcome = plan(deliveries, rooms, ids)
+    outcome = retry_plan(deliveries, rooms, ids)
     if outcome.retried:
         await db.execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"

@@ -78,3 +78,12 @@ async def claim_all(
 def duplicates(counts: Counter[int]) -> dict[int, int]:
     """The delivery ids handed out more than once, with how often."""
     return {delivery_id: n for delivery_id, n in counts.items() if n > 1}
+
+
+async def reserve_seq(store: Any) -> None:
+    """Take the next seq the way a publication does first, and show nothing (what a MongoDB
+    publication cut half-way leaves)."""
+    if type(store).__name__ == "SqliteStore":
+        await store._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'seq'")
+    else:
+        await store._db.counters.update_one({"_id": "seq"}, {"$inc": {"value": 1}}, upsert=True)
