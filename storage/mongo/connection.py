@@ -74,3 +74,35 @@ class MongoConnection:
     async def meta_value(self, key: str) -> Any:
         doc = await self.db.meta.find_one({"_id": key})
         return None if doc is None else doc.get("value")
+
+
+class IdBlock:
+    """Ids of one counter handed out from a block reserved at once (`size` per round trip).
+
+    Safe because one process uses the store (the instance lease): a block is never shared,
+    so ids never repeat; they increase in the order handed out. What is left of a block when
+    the process ends is never used (ids may be skipped, never reused)."""
+
+    def __init__(self, conn: MongoConnection, counter: str, size: int) -> None:
+        self._conn = conn
+        self._counter = counter
+        self._size = size
+        self._next = 0  # the next id to hand out
+        self._end = 0  # the first id past the block
+        self._lock = asyncio.Lock()
+
+    async def take(self) -> int:
+        if self._next >= self._end:
+            async with self._lock:
+                if self._next >= self._end:
+                    top = await self._conn.next_id(self._counter, self._size)
+                    self._next, self._end = top - self._size + 1, top + 1
+        taken = self._next
+        self._next += 1
+        return taken
+
+    def give_back(self, taken: int) -> None:
+        """`taken` was not used (nothing was stored with it): hand it out again, unless a later
+        one has been handed out since (ids must keep increasing)."""
+        if taken == self._next - 1 and taken < self._end:
+            self._next = taken

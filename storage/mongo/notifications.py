@@ -19,10 +19,22 @@ from storage.base import (
     StoreError,
     Target,
 )
-from storage.mongo.connection import MongoConnection
+from storage.mongo.connection import IdBlock, MongoConnection
 from storage.mongo.outbox import delivery_from_doc
 
 Doc = dict[str, Any]
+
+# Notification ids reserved per round trip to the counter: one webhook call then costs the
+# insert and the channel's number only (an id block is held in memory: one process per store).
+ID_BLOCK = 64
+
+
+def _pair_collision(exc: DuplicateKeyError) -> bool:
+    """Whether the insert collided on (channel_id, message_number), not on its _id."""
+    pattern = (exc.details or {}).get("keyPattern")
+    if pattern is not None:
+        return "message_number" in pattern
+    return "channel_message_unique" in str(exc)  # servers that name only the index
 
 
 def _opt_float(value: Any) -> float | None:
@@ -70,6 +82,7 @@ class MongoNotifications:
 
     def __init__(self, conn: MongoConnection) -> None:
         self._conn = conn
+        self._ids = IdBlock(conn, "notification_id", ID_BLOCK)
 
     async def add(
         self,
@@ -96,16 +109,17 @@ class MongoNotifications:
         if message_number is not None:
             doc["message_number"] = message_number
         async with self._conn.op() as db:
-            if channel_id is not None and message_number is not None:
-                # Checked first so that the usual duplicate (Google sending again) spends no id;
-                # the unique index still decides a race.
-                pair = {"channel_id": channel_id, "message_number": message_number}
-                if await db.notifications.find_one(pair, {"_id": 1}) is not None:
-                    raise DuplicateNotification(f"notification {pair} is stored already")
-            doc["_id"] = await self._conn.next_id("notification_id")
+            # No look first: the unique (channel_id, message_number) index decides a duplicate.
+            doc["_id"] = await self._ids.take()
             try:
                 await db.notifications.insert_one(doc)
             except DuplicateKeyError as exc:
+                if not _pair_collision(exc):
+                    raise StoreError(
+                        f"notification id {doc['_id']} is taken: the notification_id counter"
+                        " is behind the stored notifications"
+                    ) from exc
+                self._ids.give_back(doc["_id"])
                 raise DuplicateNotification(
                     f"notification ({channel_id!r}, {message_number}) is stored already"
                 ) from exc

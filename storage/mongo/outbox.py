@@ -3,7 +3,8 @@
 A delivery's `due` is when it may be claimed: next_attempt_at while pending, lease_until while
 in_flight, absent once final. One indexed field gives both the claim order ("oldest due first")
 and next_due. Deliveries still `held` (a publication under way, see MongoNotifications.publish)
-are not part of the outbox yet: never claimed, shown, counted or retried.
+are not part of the outbox yet: never claimed, shown, counted or retried. `claim` is the random
+id of the claim that last took a delivery (how a claim reads back what it took).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
+import uuid
 from typing import Any, cast, get_args
 
 from pymongo import ReturnDocument
@@ -100,32 +102,35 @@ class MongoOutbox:
     async def claim(
         self, now: float, lease_until: float, limit: int = 100, kind: TargetKind | None = None
     ) -> builtins.list[Delivery]:
-        claimed: builtins.list[Delivery] = []
-        filt: Doc = {"state": {"$in": NON_FINAL}, "due": {"$lte": now}, **VISIBLE}
+        if limit <= 0:
+            return []
+        due: Doc = {"state": {"$in": NON_FINAL}, "due": {"$lte": now}, **VISIBLE}
         if kind is not None:
-            filt["target_kind"] = kind
+            due["target_kind"] = kind
+        claim = uuid.uuid4().hex
         async with self._conn.op() as db:
-            # One atomic find_one_and_update per delivery: two claimers never take the same.
-            for _ in range(rules.clamp(limit)):
-                if claimed:  # a lease already over (lease_until <= now) must not claim twice
-                    filt["_id"] = {"$nin": [d.id for d in claimed]}
-                doc = await db.deliveries.find_one_and_update(
-                    filt,
-                    {
-                        "$set": {
-                            "state": "in_flight",
-                            "lease_until": lease_until,
-                            "due": lease_until,
-                            "updated_at": now,
-                        }
-                    },
-                    sort=[("due", 1), ("_id", 1)],
-                    return_document=ReturnDocument.AFTER,
-                )
-                if doc is None:
-                    break
-                claimed.append(delivery_from_doc(doc))
-        return claimed
+            # Three round trips, whatever the batch: the due ids, then each one taken if it is
+            # still due (one atomic update per document: a delivery another claimer took
+            # meanwhile is no longer due), then what this claim took.
+            cursor = db.deliveries.find(due, {"_id": 1}).sort([("due", 1), ("_id", 1)])
+            ids = [doc["_id"] for doc in await cursor.limit(limit).to_list(None)]
+            if not ids:
+                return []
+            await db.deliveries.update_many(
+                {**due, "_id": {"$in": ids}},
+                {
+                    "$set": {
+                        "state": "in_flight",
+                        "lease_until": lease_until,
+                        "due": lease_until,
+                        "updated_at": now,
+                        "claim": claim,
+                    }
+                },
+            )
+            taken = await db.deliveries.find({"_id": {"$in": ids}, "claim": claim}).to_list(None)
+        order = {delivery_id: n for n, delivery_id in enumerate(ids)}
+        return sorted((delivery_from_doc(doc) for doc in taken), key=lambda d: order[d.id])
 
     async def release_claims(self) -> int:
         """Also finishes publications a crash interrupted (see MongoNotifications.publish)."""

@@ -36,6 +36,8 @@ from storage.base import (
 from storage.mongo import MongoStore
 from storage.mongo.driver import database_name
 from storage.mongo.migrations import MIGRATIONS
+from storage.mongo.notifications import ID_BLOCK
+from tests.storage.helpers import make_channel
 
 REAL_MONGODB = os.environ.get("MRM_PUSH_TEST_MONGODB_URI")
 
@@ -524,3 +526,143 @@ async def test_a_token_that_leaves_while_a_retry_runs_is_cancelled_not_brought_b
     states = {d.id: d.state for d in await store.outbox.list()}
     assert states == {d_a: "cancelled", d_b: "pending"}
     assert [d.id for d in await store.outbox.claim(6.0, 60.0)] == [d_b]
+
+
+# -- round trips --------------------------------------------------------------------------------
+def round_trips(faults: Faults) -> int:
+    """Calls that reach the server (collection methods and commands) since the last clear."""
+    return len(faults.calls)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_webhook_notification_costs_three_round_trips():
+    """The handler's channels.get, then the insert and the channel's number: the unique index
+    decides duplicates (no look first), and ids come from a block reserved in memory."""
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    await store.channels.insert(make_channel("ch-1", "cal-1"))
+    faults.calls.clear()
+    count = 200
+    for number in range(1, count + 1):
+        assert await store.channels.get("ch-1") is not None
+        await store.notifications.add("cal-1", "webhook", "exists", 1.0, "ch-1", number)
+    reserved = faults.calls.count("counters.find_one_and_update")
+    assert reserved == -(-count // ID_BLOCK)  # one per block of ids
+    assert round_trips(faults) == 3 * count + reserved
+    assert (await store.channels.get("ch-1")).last_message_number == count
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_block_ids_increase_are_never_reused_and_a_duplicate_spends_none():
+    client = AsyncMongoMockClient()
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    first = await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
+    with pytest.raises(DuplicateNotification):
+        await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
+    second = await store.notifications.add("c", "poll", "exists", 1.0)
+    assert (first.id, second.id) == (1, 2)  # the refused one took no id
+    # A restart (another handle) starts a new block: the rest of the old one is never used.
+    again = MongoStore("mongodb://h/site", client=client)
+    await again.open()
+    third = await again.notifications.add("c", "poll", "exists", 1.0)
+    assert third.id == ID_BLOCK + 1
+    fourth = await store.notifications.add("c", "poll", "exists", 1.0)  # the old handle's block
+    assert fourth.id == 3 and len({first.id, second.id, third.id, fourth.id}) == 4
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_an_id_the_counter_gave_twice_is_a_store_error_not_a_duplicate():
+    """A counter behind the data (say, restored from an older backup) must not pass a new
+    notification off as Google's resend (the webhook would answer 200 and drop it)."""
+    client = AsyncMongoMockClient()
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    await store.notifications.add("c", "poll", "exists", 1.0)
+    await client["site"]["counters"].delete_one({"_id": "notification_id"})
+    again = MongoStore("mongodb://h/site", client=client)
+    await again.open()
+    with pytest.raises(StoreError, match="counter") as raised:
+        await again.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
+    assert not isinstance(raised.value, DuplicateNotification)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_claim_costs_the_same_round_trips_whatever_its_size():
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    (nid,) = await received(store)
+    targets = [Target("fcm", f"tok-{i}") for i in range(50)]
+    published = await store.notifications.publish(nid, [], True, targets, 5.0)
+    faults.calls.clear()
+    assert await store.outbox.claim(4.0, 60.0, limit=64) == []  # nothing due yet
+    assert round_trips(faults) == 1
+    faults.calls.clear()
+    claimed = await store.outbox.claim(10.0, 60.0, limit=64)
+    assert [d.id for d in claimed] == [d.id for d in published.deliveries]  # oldest due first
+    assert {(d.state, d.lease_until) for d in claimed} == {("in_flight", 60.0)}
+    assert round_trips(faults) == 3  # find the due ids, take them, read back what we took
+    faults.calls.clear()
+    assert await store.outbox.claim(10.0, 60.0, limit=64) == []
+    assert round_trips(faults) == 1
+
+
+class LookThenWait:
+    """A deliveries collection whose look for due deliveries (a find without `claim`) waits,
+    once it has read, until as many claimers have looked as the barrier has parties."""
+
+    def __init__(self, target: Any, barrier: asyncio.Barrier, waited: list[int]) -> None:
+        self._target, self._barrier, self._waited = target, barrier, waited
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    def find(self, filt: Any, *args: Any, **kwargs: Any) -> Any:
+        cursor = self._target.find(filt, *args, **kwargs)
+        if "claim" in filt:
+            return cursor  # the read back
+        real_to_list, waited, barrier = cursor.to_list, self._waited, self._barrier
+
+        async def to_list(*a: Any) -> Any:
+            found = await real_to_list(*a)
+            waited.append(len(found))
+            await barrier.wait()
+            return found
+
+        cursor.to_list = to_list
+        return cursor
+
+
+class GatedDatabase:
+    def __init__(self, target: Any, deliveries: LookThenWait) -> None:
+        self._target, self._deliveries = target, deliveries
+        self.name = target.name
+
+    def __getitem__(self, name: str) -> Any:
+        return self._deliveries if name == "deliveries" else self._target[name]
+
+    def __getattr__(self, name: str) -> Any:
+        return self._deliveries if name == "deliveries" else getattr(self._target, name)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_claimers_that_found_the_same_deliveries_never_both_take_one():
+    """Both look before either takes: the take re-checks that each is still due, so what the
+    first took, the second does not get."""
+    mock = AsyncMongoMockClient()["site"]
+    looked, waited = asyncio.Barrier(2), []
+    gated = {"site": GatedDatabase(mock, LookThenWait(mock.deliveries, looked, waited))}
+    plain = MongoStore("mongodb://h/site", client={"site": mock})
+    await plain.open()
+    (nid,) = await received(plain)
+    published = await plain.notifications.publish(nid, [], True, TARGETS * 3, 5.0)
+    store = MongoStore("mongodb://h/site", client=gated)
+    await store.open()
+    first, second = await asyncio.gather(
+        store.outbox.claim(10.0, 60.0, limit=10), store.outbox.claim(10.0, 60.0, limit=10)
+    )
+    assert waited == [6, 6]  # both found all six before either took one
+    assert sorted(d.id for d in first + second) == sorted(d.id for d in published.deliveries)
+    assert {d.id for d in first}.isdisjoint(d.id for d in second)

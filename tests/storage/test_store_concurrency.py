@@ -116,6 +116,22 @@ async def test_concurrent_claimers_never_share_a_delivery(store, backend):
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_concurrent_claimers_never_share_a_delivery_on_mongodb_when_calls_interleave():
+    """mongomock with every call yielding a few turns of the loop, as a server does: six
+    claimers, each claim a look, a conditional take and a read back, interleaved."""
+    from storage.mongo import MongoStore
+    from tests.storage.test_mongo_specific import Faults, FlakyClient
+
+    store = MongoStore("mongodb://h/site", client=FlakyClient(Faults()))
+    await store.open()
+    every = await _make_deliveries(store, 20, 3)
+    counts = await claim_all([store.outbox.claim] * 6, T0, T0 + 60, limit=4)
+    assert duplicates(counts) == {}
+    assert set(counts) == every
+    assert await store.outbox.count("in_flight") == len(every)
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_concurrent_claimers_on_two_sqlite_connections(tmp_path):
     path = str(tmp_path / "shared.sqlite3")
     first, second = SqliteStore(path), SqliteStore(path)
