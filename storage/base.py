@@ -1,6 +1,6 @@
-"""What the service keeps, as plain records (frozen dataclasses, Literal states), and the
-errors a store raises. The `Store` and its repositories are in storage/protocols.py.
+"""The records the store keeps (frozen dataclasses, Literal states) and the errors it raises.
 
+The `Store` and its repositories are in storage/protocols.py, the rules in storage/rules.py.
 Times are float seconds since the epoch (UTC).
 """
 
@@ -170,9 +170,3 @@ class RetryOutcome:
 
     retried: tuple[int, ...] = ()
     skipped: tuple[RetrySkip, ...] = ()
-
-
-@dataclass(frozen=True)
-class NotificationPage:
-    notifications: list[Notification]
-    store_epoch: str

@@ -1,6 +1,7 @@
-"""The MongoDB backend of the `Store` (motor or pymongo's async client): a versioned schema
-(migrations.py) and one module per repository (rooms, channels, notifications, outbox, meta),
-all on one `MongoConnection`.
+"""The MongoDB backend of the `Store` (motor or pymongo's async client).
+
+A versioned schema (migrations.py) and one module per repository (rooms, channels,
+notifications, outbox, meta), all on one `MongoConnection` (connection.py).
 
 Collections: `rooms`, `sync_tokens`, `channels`, `stops`, `stopped`, `notifications`,
 `deliveries`, `counters` (the id counters), `leases` and `meta` (the store epoch, the purge mark,

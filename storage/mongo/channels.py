@@ -1,5 +1,8 @@
-"""The MongoDB store's channels: `channels` (_id = channel id), the stop queue (`stops`, and
-`stopped`: the ids of finished stops, remembered until `until`) and `sync_tokens`."""
+"""The MongoDB store's channels, their stop queue and the calendars' sync tokens.
+
+Collections: `channels` (_id = channel id), the stop queue `stops` (_id = channel id) and
+`stopped` (the ids of finished stops, remembered until `until`), and `sync_tokens`.
+"""
 
 from __future__ import annotations
 

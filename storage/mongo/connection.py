@@ -1,5 +1,8 @@
-"""The MongoDB store's database handle, shared by its repositories: errors mapped, the schema
-brought up to date on the first successful round trip, the id counters, the publication lock."""
+"""The MongoDB store's database handle, shared by its repositories.
+
+Errors mapped, the schema brought up to date on the first successful round trip, the id
+counters (and blocks of ids held in memory), the publication lock.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The MongoDB store's meta: the store epoch (`meta`) and the `leases` collection (_id = lease
-name, one document each).
+"""The MongoDB store's meta: the store epoch and the leases.
+
+The epoch is a document of `meta`; `leases` holds one document per lease (_id = its name).
 
 Every lease decision is one find_one_and_update whose filter is the rule (the holder, or an
 expired lease), so two processes racing for a lease cannot both get it: the loser's upsert

@@ -1,5 +1,8 @@
-"""The MongoDB store's notifications: `notifications` (_id from the `notification_id` counter),
-the `seq` counter and the purge mark (`meta`); publication writes the deliveries too."""
+"""The MongoDB store's notifications: ids, seq, publication (with its deliveries), retention.
+
+Collection `notifications` (_id from the `notification_id` counter, in blocks); the `seq`
+counter; the purge mark in `meta`.
+"""
 
 from __future__ import annotations
 
@@ -174,8 +177,9 @@ class MongoNotifications:
 
         After a crash half-way: a seq taken but never shown stays a gap that never becomes
         visible (allowed: readers need order, not density); held deliveries of a notification
-        still `received` are dropped when it is published again (or by release_claims), and
-        those of a published one are released by release_claims at the next start."""
+        still `received` are dropped when it is published again (or by outbox.release_claims),
+        and those of a published one are released by outbox.release_claims at the next
+        start."""
         async with self._conn.publish_lock, self._conn.op() as db:
             doc = await db.notifications.find_one({"_id": notification_id})
             if doc is None:
@@ -184,30 +188,30 @@ class MongoNotifications:
                 return (await _with_deliveries(db, [doc]))[0]
             await db.deliveries.delete_many({"notification_id": notification_id})
             seq = await self._conn.next_id("seq")
+            made: builtins.list[Doc] = []
             if targets:
                 last_id = await self._conn.next_id("delivery_id", len(targets))
                 first_id = last_id - len(targets) + 1
-                await db.deliveries.insert_many(
-                    [
-                        {
-                            "_id": first_id + i,
-                            "notification_id": notification_id,
-                            "calendar_id": doc["calendar_id"],
-                            "target_kind": target.kind,
-                            "target_token": target.token,
-                            "state": "pending",
-                            "attempts": 0,
-                            "next_attempt_at": now,
-                            "due": now,
-                            "last_error": None,
-                            "created_at": now,
-                            "updated_at": now,
-                            "lease_until": None,
-                            "held": True,
-                        }
-                        for i, target in enumerate(targets)
-                    ]
-                )
+                made = [
+                    {
+                        "_id": first_id + i,
+                        "notification_id": notification_id,
+                        "calendar_id": doc["calendar_id"],
+                        "target_kind": target.kind,
+                        "target_token": target.token,
+                        "state": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "due": now,
+                        "last_error": None,
+                        "created_at": now,
+                        "updated_at": now,
+                        "lease_until": None,
+                        "held": True,
+                    }
+                    for i, target in enumerate(targets)
+                ]
+                await db.deliveries.insert_many(made)
             published = await db.notifications.find_one_and_update(
                 {"_id": notification_id, "state": "received"},
                 {
@@ -231,7 +235,8 @@ class MongoNotifications:
             await db.deliveries.update_many(
                 {"notification_id": notification_id, "held": True}, {"$unset": {"held": ""}}
             )
-            return (await _with_deliveries(db, [published]))[0]
+        # Its deliveries are the ones just written (no read back).
+        return _notification(published, tuple(delivery_from_doc(d) for d in made))
 
     async def skip(self, notification_id: int, now: float) -> None:
         # Under the publication lock so a skip cannot slip between a publication's steps.

@@ -1,5 +1,8 @@
-"""The MongoDB store's rooms: `rooms` (_id = calendar id; tokens and tombstones embedded, `rev`
-for optimistic writes)."""
+"""The MongoDB store's rooms, their token sets and tombstones.
+
+Collection `rooms`: _id = calendar id, tokens and tombstones embedded, `rev` for optimistic
+writes.
+"""
 
 from __future__ import annotations
 

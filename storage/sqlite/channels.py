@@ -1,5 +1,8 @@
-"""The SQLite store's channels: `channels`, the stop queue (`channel_stops`, `stopped_channels`,
-their counts kept in `meta` by triggers) and `sync_tokens`."""
+"""The SQLite store's channels, their stop queue and the calendars' sync tokens.
+
+Tables: `channels`, the stop queue `channel_stops` and `stopped_channels` (their counts kept in
+`meta` by triggers), and `sync_tokens`.
+"""
 
 from __future__ import annotations
 

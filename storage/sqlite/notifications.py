@@ -1,5 +1,8 @@
-"""The SQLite store's notifications: the `notifications` table, the seq counter and the purge
-mark in `meta`; publication writes the deliveries in the same transaction."""
+"""The SQLite store's notifications: ids, seq, publication (with its deliveries), retention.
+
+Table `notifications`; the seq counter and the purge mark in `meta`; publication writes the
+deliveries in the same transaction.
+"""
 
 from __future__ import annotations
 

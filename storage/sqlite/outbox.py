@@ -1,5 +1,8 @@
-"""The SQLite store's delivery outbox: claims and outcomes for the worker, pages, counts and
-retries for operators, and the cancellations other repositories make in their transactions."""
+"""The SQLite store's delivery outbox, for the worker and for operators.
+
+Claims and outcomes for the worker; pages, counts and retries for operators; and the
+cancellations other repositories make in their own transactions.
+"""
 
 from __future__ import annotations
 
