@@ -43,7 +43,7 @@ def calendars(calendar_id: str | None, calendar_ids: Sequence[str] | None) -> li
 
 def check_retry(ids: Sequence[int] | None, state: RetryableState | None) -> None:
     if (ids is None) == (state is None):
-        raise ValueError("retry_deliveries: give ids or state")
+        raise ValueError("outbox.retry: give ids or state")
 
 
 # -- the token set and its tombstones ------------------------------------------------------------
@@ -72,12 +72,12 @@ def replace_tokens(current: Sequence[str] | None, wanted: Sequence[str]) -> Toke
     tombstones of the tokens it names are cleared; the tokens it leaves out are cancelled."""
     tokens = dedupe(wanted)
     before = list(current or ())
-    kept = set(tokens)
+    was = set(before)
     return TokenChange(
         tokens=tokens,
-        added=[t for t in tokens if t not in set(before)],
+        added=[t for t in tokens if t not in was],
         clear_tombstones=tokens,
-        cancel=sorted(set(before) - kept),
+        cancel=sorted(was - set(tokens)),
         changed=tokens != before,
     )
 
@@ -123,10 +123,10 @@ STICKY_STATES: tuple[DeliveryState, ...] = ("cancelled", "expired")
 
 
 def check_finish(state: str) -> None:
-    """finish_delivery's state: an outcome, never `in_flight` (that is a claim's) nor
+    """outbox.finish's state: an outcome, never `in_flight` (that is a claim's) nor
     `expired` (retention's)."""
     if state not in FINISH_STATES:
-        raise ValueError(f"finish_delivery: cannot finish as {state!r}")
+        raise ValueError(f"outbox.finish: cannot finish as {state!r}")
 
 
 # Stable reasons a retry leaves a delivery alone, as the API shows them in `skipped`.
@@ -199,13 +199,13 @@ UPDATABLE_CHANNEL_FIELDS = frozenset(f.name for f in dataclasses.fields(Channel)
 
 
 def channel_update(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """update_channel's fields, checked: a field it may not set is a TypeError (like an
+    """channels.update's fields, checked: a field it may not set is a TypeError (like an
     unexpected keyword), a state that does not exist a ValueError."""
     unknown = set(fields) - UPDATABLE_CHANNEL_FIELDS
     if unknown:
-        raise TypeError(f"update_channel: cannot set {', '.join(sorted(unknown))}")
+        raise TypeError(f"channels.update: cannot set {', '.join(sorted(unknown))}")
     if "state" in fields and fields["state"] not in CHANNEL_STATES:
-        raise ValueError(f"update_channel: unknown state {fields['state']!r}")
+        raise ValueError(f"channels.update: unknown state {fields['state']!r}")
     checked = dict(fields)
     if "confirmed" in checked:
         checked["confirmed"] = bool(checked["confirmed"])

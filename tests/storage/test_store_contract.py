@@ -1,7 +1,7 @@
 """The `Store` contract, part one: lifecycle, rooms and tokens, channels, stops, sync tokens.
 
-Every test runs against each backend (see conftest.py); what is checked is what base.py
-promises, so both backends behave the same for the code above them.
+Every test runs against each backend (see conftest.py); what is checked is what
+storage/protocols.py promises, so both backends behave the same for the code above them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The `Store` contract, the outbox as operators see it: list_deliveries (newest first, filters,
-paging), delivery_counts, and retry_deliveries (only what gave up; a token that left its room
-is never brought back; retention counts from the retry). Runs against each backend."""
+"""The `Store` contract, the outbox as operators see it: outbox.list (newest first, filters,
+paging), outbox.counts, and outbox.retry (only what gave up; a token that left its room is
+never brought back; retention counts from the retry). Runs against each backend."""
 
 from __future__ import annotations
 
