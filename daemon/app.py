@@ -30,13 +30,14 @@ from daemon.readiness import NotReady, run_checks
 from daemon.redact import configured_secrets
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
-from daemon.store_gauges import StoreGauges
+from daemon.store_gauges import Counted, StoreGauges
 from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
 from handlers.edge import EdgeApplication, RefusedHandler, TrustedProxies
 from storage import make_store
-from storage.base import Notification, Store, StoreConfigError, StoreError, StoreUnavailable
+from storage.base import Notification, StoreConfigError, StoreError, StoreUnavailable
+from storage.protocols import Store
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mrm_push.access")
@@ -70,20 +71,27 @@ class Service:
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store: Store = store or _make_store(self.config)
+        # Each part gets the repositories it uses, never the whole store.
+        rooms, channels = self.store.rooms, self.store.channels
+        notifications, outbox = self.store.notifications, self.store.outbox
         # Wall time, whatever the service's clock: other processes read the lease too.
         self.instance_lease = InstanceLease(
-            self.store, self.config.storage.lease_seconds, SystemClock()
+            self.store.meta, self.config.storage.lease_seconds, SystemClock()
         )
         self.lease_lost = asyncio.Event()  # `serve` stops and exits 1 when it is set
         self.google = self._make_google()
-        self.channels = ChannelManager(self.store, self.google, self.clock, self.config)
-        self.rooms = Rooms(self.store, self.channels, self.clock)
-        self.refresher = Refresher(self.store, self.rooms, self.config, self.secrets.backend_token)
+        self.channels = ChannelManager(channels, rooms, self.google, self.clock, self.config)
+        self.rooms = Rooms(rooms, self.channels, self.clock)
+        self.refresher = Refresher(
+            rooms, channels, self.rooms, self.config, self.secrets.backend_token
+        )
         # Blocking FCM work (credential refresh; pyfcm's requests) runs here, never on the loop.
         self.fcm_executor = ThreadPoolExecutor(FCM_THREADS, thread_name_prefix="fcm")
         self.fcm_sender = self._make_fcm_sender()
         self.syncer = Syncer(
-            self.store,
+            notifications,
+            rooms,
+            channels,
             self.google,
             self.clock,
             self.config,
@@ -91,14 +99,20 @@ class Service:
             fcm=self.fcm_sender is not None,
         )
         self.delivery = DeliveryWorker(
-            self.store, self.fcm_sender, self.clock, self.config, self.secrets.backend_token
+            outbox,
+            notifications,
+            rooms,
+            self.fcm_sender,
+            self.clock,
+            self.config,
+            self.secrets.backend_token,
         )
         self._delivery_task: asyncio.Task[None] | None = None
         # WebSocket fan-out (/ws): fed by publication, pings from one timer.
-        self.fanout = FanoutHub(self.store, self.config.websocket)
+        self.fanout = FanoutHub(notifications, self.store.meta, self.config.websocket)
         self.metrics.watch_deliveries(self.delivery)
         self.metrics.watch_fanout(self.fanout)
-        self.store_gauges = StoreGauges(self.store, self.clock)
+        self.store_gauges = StoreGauges(Counted(rooms, channels, notifications, outbox), self.clock)
         self.metrics.watch(self.store_gauges)
         # Every publication wakes the delivery worker, is counted, and goes out on /ws.
         self.publication_listeners: list[Callable[[Notification], None]] = [
@@ -226,7 +240,7 @@ class Service:
         the highest seq dropped, so a replay from before it says `complete: false`."""
         cutoff = self.clock.now() - self.config.storage.retention_days * 86400
         await self.delivery.expire(cutoff)
-        dropped = await self.store.purge_notifications(cutoff, cutoff)
+        dropped = await self.store.notifications.purge(cutoff, cutoff)
         if dropped:
             log.info("notifications_purged", extra={"count": dropped})
         return dropped
@@ -331,7 +345,7 @@ class Service:
             return
         try:
             # Claims of a previous run (it crashed, or stopped mid-attempt) go back to pending.
-            released = await self.store.release_claims()
+            released = await self.store.outbox.release_claims()
             await self.channels.recover_after_restart()
             await self.syncer.resume()
         except StoreError as error:

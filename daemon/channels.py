@@ -24,7 +24,8 @@ from daemon.google_calendar import (
 from daemon.keyed_locks import KeyedLocks
 from daemon.renewal import LIVE_STATES, Renewer, RenewSummary
 from daemon.stops import StopQueue
-from storage.base import Channel, Store
+from storage.base import Channel
+from storage.protocols import ChannelRepository, RoomReader
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,15 @@ class ChannelManager:
     """Owns the channel lifecycle; handlers and periodic callbacks call its methods."""
 
     def __init__(
-        self, store: Store, google: GoogleCalendar | None, clock: Clock, config: Config
+        self,
+        channel_store: ChannelRepository,
+        room_store: RoomReader,
+        google: GoogleCalendar | None,
+        clock: Clock,
+        config: Config,
     ) -> None:
-        self.store = store
+        self.channel_store = channel_store
+        self.room_store = room_store
         self.google = google
         self.clock = clock
         self.config = config
@@ -60,7 +67,7 @@ class ChannelManager:
         self._calendars = KeyedLocks()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_created = 0.0
-        self.stops = StopQueue(store, google, clock, config, self.spawn)
+        self.stops = StopQueue(channel_store, google, clock, config, self.spawn)
         self.renewals = Renewer(self)
 
     @property
@@ -94,7 +101,7 @@ class ChannelManager:
 
     # -- which channel is current ------------------------------------------------------------
     async def current_channel(self, calendar_id: str) -> Channel | None:
-        return current_of(await self.store.list_channels(calendar_id))
+        return current_of(await self.channel_store.list(calendar_id))
 
     # -- making channels ---------------------------------------------------------------------
     async def ensure_channel(self, calendar_id: str, wait: float | None = None) -> Channel | None:
@@ -127,7 +134,7 @@ class ChannelManager:
         """A new channel: the first full list (when no sync token yet), stored as pending,
         then watched. Returns it in whatever state Google's answer left it. The caller holds
         the calendar's lock."""
-        if await self.store.get_room(calendar_id) is None:
+        if await self.room_store.get(calendar_id) is None:
             return None  # deleted meanwhile
         now = self._creation_time()
         channel = Channel(
@@ -144,7 +151,7 @@ class ChannelManager:
             updated_at=now,
         )
         error = await self._first_sync_token(calendar_id)
-        await self.store.insert_channel(channel)
+        await self.channel_store.insert(channel)
         if error is not None:
             return await self._failed_attempt(channel, error)
         return await self._watch(channel)
@@ -154,13 +161,13 @@ class ChannelManager:
         pushes nothing. Changes between it and the watch come with the first incremental sync."""
         if self.google is None:
             return NO_CREDENTIALS
-        if await self.store.get_sync_token(calendar_id) is not None:
+        if await self.channel_store.get_sync_token(calendar_id) is not None:
             return None
         try:
             token = await self.google.full_sync_token(calendar_id)
         except GoogleError as error:
             return error
-        await self.store.set_sync_token(calendar_id, token)
+        await self.channel_store.set_sync_token(calendar_id, token)
         return None
 
     async def _watch(self, channel: Channel) -> Channel | None:
@@ -183,7 +190,7 @@ class ChannelManager:
                 return await self._failed_attempt(channel, timeout)
             # The call may still reach Google: park the channel (no retry time) until the late
             # answer settles it either way.
-            updated = await self.store.update_channel(
+            updated = await self.channel_store.update(
                 channel.id,
                 self.clock.now(),
                 last_error=f"watch timed out: {timeout}",
@@ -201,7 +208,7 @@ class ChannelManager:
             result = await late
         except GoogleError as error:
             async with self.calendar_lock(channel.calendar_id):
-                stored = await self.store.get_channel(channel.id)
+                stored = await self.channel_store.get(channel.id)
                 if stored is not None and stored.state == "pending":
                     await self._failed_attempt(stored, error)
             return
@@ -211,7 +218,7 @@ class ChannelManager:
 
     async def _watched(self, channel: Channel, result: WatchResult) -> Channel | None:
         """Record Google's answer; stop the channel if it is no longer the current one."""
-        stored = await self.store.get_channel(channel.id)
+        stored = await self.channel_store.get(channel.id)
         if stored is None:
             # Forgotten meanwhile (room deleted): Google's channel must not live on.
             await self.queue_stop(channel.id, result.resource_id, channel.calendar_id)
@@ -222,7 +229,7 @@ class ChannelManager:
                 # A newer channel took over while this watch was under way.
                 await self.queue_stop(channel.id, result.resource_id, channel.calendar_id)
                 return None
-        updated = await self.store.update_channel(
+        updated = await self.channel_store.update(
             channel.id,
             self.clock.now(),
             state="active" if stored.state in LIVE_STATES else stored.state,
@@ -249,7 +256,7 @@ class ChannelManager:
                     "reason": str(error),
                 },
             )
-            failed = await self.store.update_channel(
+            failed = await self.channel_store.update(
                 channel.id,
                 now,
                 state="failed",
@@ -264,7 +271,7 @@ class ChannelManager:
             "channel_retry_scheduled",
             extra={"channel_id": channel.id, "reason": str(error), "in_seconds": round(delay)},
         )
-        return await self.store.update_channel(
+        return await self.channel_store.update(
             channel.id, now, last_error=str(error), attempts=attempts, next_attempt_at=now + delay
         )
 
@@ -273,14 +280,14 @@ class ChannelManager:
         now = self.clock.now()
         due = [
             c
-            for c in await self.store.list_channels(states=("pending",))
+            for c in await self.channel_store.list(states=("pending",))
             if c.next_attempt_at is not None and c.next_attempt_at <= now
         ]
         retried = 0
         for channel in due:
             async with self.calendar_lock(channel.calendar_id):
                 # Read again under the lock: a renewal may have replaced it meanwhile.
-                stored = await self.store.get_channel(channel.id)
+                stored = await self.channel_store.get(channel.id)
                 if stored is None or stored.state != "pending" or stored.next_attempt_at is None:
                     continue
                 if stored.next_attempt_at > self.clock.now():
@@ -293,19 +300,19 @@ class ChannelManager:
         """Pending channels left without a retry time were in flight when the process died;
         their watch may or may not have reached Google, so retry them now."""
         now = self.clock.now()
-        for channel in await self.store.list_channels(states=("pending",)):
+        for channel in await self.channel_store.list(states=("pending",)):
             if channel.next_attempt_at is None:
-                await self.store.update_channel(channel.id, now, next_attempt_at=now)
+                await self.channel_store.update(channel.id, now, next_attempt_at=now)
 
     async def reinstate(self, calendar_id: str) -> Channel | None:
         """A calendar left without a live channel (its successor failed for good, or a renewal
         was cut short) gets its newest retiring channel back as `active`: it still listens,
         and the next renewal check renews it (at once when it has expired). Lock held."""
-        channels = await self.store.list_channels(calendar_id)
+        channels = await self.channel_store.list(calendar_id)
         retiring = [c for c in channels if c.state == "retiring"]
         if not retiring or any(c.state in LIVE_STATES for c in channels):
             return None
-        back = await self.store.update_channel(retiring[-1].id, self.clock.now(), state="active")
+        back = await self.channel_store.update(retiring[-1].id, self.clock.now(), state="active")
         if back is None:
             return None
         log.warning(
@@ -320,7 +327,7 @@ class ChannelManager:
     async def confirmed(self, channel: Channel) -> None:
         """A channel's `sync` arrived: channels it replaces can now be stopped (no gap). Never
         takes the calendar's lock: the sync may arrive while a watch holds it."""
-        for older in await self.store.list_channels(channel.calendar_id, states=("retiring",)):
+        for older in await self.channel_store.list(channel.calendar_id, states=("retiring",)):
             if older.created_at <= channel.created_at and older.id != channel.id:
                 await self.queue_stop(older.id, older.resource_id, older.calendar_id)
 
@@ -340,11 +347,11 @@ class ChannelManager:
         if channel.resource_id:
             await self.queue_stop(channel.id, channel.resource_id, channel.calendar_id)
         else:
-            await self.store.delete_channel(channel.id)
+            await self.channel_store.delete(channel.id)
 
     async def queue_stop(self, channel_id: str, resource_id: str, calendar_id: str | None) -> bool:
         """Forget the channel and queue its `channels.stop` (retried until done)."""
-        await self.store.delete_channel(channel_id)
+        await self.channel_store.delete(channel_id)
         return await self.stops.queue(channel_id, resource_id, calendar_id)
 
     async def queue_unknown_stop(self, channel_id: str, resource_id: str) -> bool:
@@ -355,7 +362,7 @@ class ChannelManager:
         """The room went: every channel of its calendar is stopped through the stop queue
         (after any channel work under way: a watch it started is then stored, and stopped)."""
         async with self.calendar_lock(calendar_id):
-            channels = await self.store.list_channels(calendar_id)
+            channels = await self.channel_store.list(calendar_id)
             for channel in channels:
                 await self.discard(channel)
         return len(channels)

@@ -44,7 +44,8 @@ from daemon.fcm_message import TTL_SECONDS, fcm_data
 from daemon.fcm_outcome import SendOutcome, describe, shorten
 from daemon.logs import short_token
 from daemon.readiness import NotReady
-from storage.base import Delivery, DeliveryState, Store
+from storage.base import Delivery, DeliveryState
+from storage.protocols import NotificationReader, OutboxRepository, TokenTombstones
 
 __all__ = ["NOTIFY_MUTATION", "DeliveryWorker", "fcm_data"]
 
@@ -84,13 +85,17 @@ class DeliveryWorker:
 
     def __init__(
         self,
-        store: Store,
+        outbox: OutboxRepository,
+        notifications: NotificationReader,
+        rooms: TokenTombstones,
         sender: FcmSender | None,
         clock: Clock,
         config: Config,
         backend_token: str | None,
     ) -> None:
-        self.store = store
+        self.outbox = outbox
+        self.notifications = notifications
+        self.rooms = rooms  # a token FCM refuses leaves its room
         self.sender = sender
         self.clock = clock
         self.config = config
@@ -162,9 +167,9 @@ class DeliveryWorker:
         worker claims now. Held FCM deliveries count only from the next probe (none while a
         probe is answering, whose end wakes the loop), so the loop sleeps instead of spinning
         on them; without a sender FCM deliveries do not count at all."""
-        due = await self.store.next_delivery_due("backend")
+        due = await self.outbox.next_due("backend")
         if self.sender is not None:
-            fcm = self.hold.wake_at(await self.store.next_delivery_due("fcm"))
+            fcm = self.hold.wake_at(await self.outbox.next_due("fcm"))
             if fcm is not None:
                 due = fcm if due is None else min(due, fcm)
         return due
@@ -211,7 +216,7 @@ class DeliveryWorker:
         # While held: only the probe (and nothing without a sender): the others stay untouched.
         free, probe = self.hold.capacity(now, self._fcm_slots - len(self._owned_fcm))
         if free > 0:
-            for delivery in await self.store.claim_deliveries(now, lease_until, free, "fcm"):
+            for delivery in await self.outbox.claim(now, lease_until, free, "fcm"):
                 if delivery.id in self._owned_fcm:
                     continue
                 self._owned_fcm.add(delivery.id)
@@ -223,7 +228,7 @@ class DeliveryWorker:
         free = MAX_BACKEND_HELD - len(self._owned_backend)
         if free > 0:
             groups: dict[str, list[Delivery]] = {}
-            for delivery in await self.store.claim_deliveries(now, lease_until, free, "backend"):
+            for delivery in await self.outbox.claim(now, lease_until, free, "backend"):
                 if delivery.id in self._owned_backend:
                     continue
                 self._owned_backend.add(delivery.id)
@@ -261,9 +266,7 @@ class DeliveryWorker:
     ) -> None:
         """Record an outcome and count it, unless the delivery was cancelled meanwhile."""
         try:
-            stored = await self.store.finish_delivery(
-                delivery.id, state, self.clock.now(), **fields
-            )
+            stored = await self.outbox.finish(delivery.id, state, self.clock.now(), **fields)
         finally:
             self._owned_fcm.discard(delivery.id)
             self._owned_backend.discard(delivery.id)
@@ -309,7 +312,7 @@ class DeliveryWorker:
     async def _data_for(self, notification_id: int) -> dict[str, str] | None:
         data = self._data.get(notification_id)
         if data is None:
-            notification = await self.store.get_notification(notification_id)
+            notification = await self.notifications.get(notification_id)
             if notification is None:
                 return None
             data = self._data[notification_id] = fcm_data(notification)
@@ -364,7 +367,7 @@ class DeliveryWorker:
                 delivery, "failed", attempts=attempts, last_error=f"{error}; token dropped"
             )
             until = now + self.config.fcm.tombstone_days * 86400.0
-            if await self.store.tombstone_token(delivery.calendar_id, token, until, now):
+            if await self.rooms.tombstone_token(delivery.calendar_id, token, until, now):
                 self.dropped_tokens += 1
             log.warning("fcm_token_dropped", extra={**ids, "error": error})
         elif kind == "retry":
@@ -391,7 +394,7 @@ class DeliveryWorker:
     async def expire(self, created_before: float) -> int:
         """Retention: deliveries made before `created_before` and still not final become
         `expired` (an attempt going on now ends on its own). Returns how many."""
-        count = await self.store.expire_deliveries(created_before, self.clock.now())
+        count = await self.outbox.expire(created_before, self.clock.now())
         if count:
             self.expired += count
             log.warning(

@@ -23,7 +23,8 @@ from daemon.configfile import Subscriber
 from daemon.outbox import PING_FRAME, Flusher, Outbox, json_frame
 from daemon.seqorder import InOrder
 from daemon.subscriptions import Subscriptions
-from storage.base import Notification, Store, StoreError
+from storage.base import Notification, StoreError
+from storage.protocols import NotificationFeed, StoreEpoch
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,11 @@ class Client:
 class FanoutHub:
     """Every open socket, its subscriptions, and the one path notifications take to them."""
 
-    def __init__(self, store: Store, config: WebSocket) -> None:
-        self.store = store
+    def __init__(
+        self, notifications: NotificationFeed, meta: StoreEpoch, config: WebSocket
+    ) -> None:
+        self.notifications = notifications
+        self.meta = meta
         self.config = config
         self.flusher = Flusher()
         self.clients: set[Client] = set()
@@ -109,7 +113,7 @@ class FanoutHub:
         self.closing = False
         # A replay page and what is already queued must fit in the backlog bound together.
         self.replay_page = max(1, min(REPLAY_PAGE, config.max_queue // 2))
-        self.order = InOrder(store, self._fan_out, self._gap)  # publication, in seq order
+        self.order = InOrder(notifications, self._fan_out, self._gap)  # publication, in seq order
         self._epoch: str | None = None
         # Read by the metrics collector.
         self.subscriptions = 0  # the index's count, as of its last change
@@ -129,13 +133,13 @@ class FanoutHub:
         asked again later."""
         try:
             await self.order.start()
-            self._epoch = await self.store.store_epoch()
+            self._epoch = await self.meta.store_epoch()
         except StoreError as error:
             log.warning("fanout_start_postponed", extra={"reason": str(error)})
 
     async def store_epoch(self) -> str:
         if self._epoch is None:
-            self._epoch = await self.store.store_epoch()
+            self._epoch = await self.meta.store_epoch()
         return self._epoch
 
     # -- sockets -----------------------------------------------------------------------------
@@ -307,7 +311,7 @@ class FanoutHub:
             return 0, False  # those seqs come from another store: nothing here matches them
         target = client.replay_target
         if target is None:
-            target = await self.store.last_seq()
+            target = await self.notifications.last_seq()
         # A seq past the last one given was not given by this store (a restored backup, a new
         # database): the client must refetch.
         complete = after <= target
@@ -315,7 +319,7 @@ class FanoutHub:
         # there, so its order holds; what the new calendars had below that is not sent.
         cursor = max(after, client.last_seq)
         if after < client.last_seq:
-            missed = await self.store.list_notifications(
+            missed = await self.notifications.list(
                 calendar_ids=calendars, after=after, up_to=client.last_seq, limit=1
             )
             complete = complete and not missed
@@ -323,7 +327,7 @@ class FanoutHub:
         while cursor < target:
             if not await client.outbox.drain():  # one page in the kernel at a time
                 break
-            page = await self.store.list_notifications(
+            page = await self.notifications.list(
                 calendar_ids=calendars, after=cursor, up_to=target, limit=self.replay_page
             )
             for notification in page:
@@ -338,5 +342,5 @@ class FanoutHub:
                 break
             cursor = page[-1].seq or target
         # Read last: a purge that ran during the replay may have taken what it meant to send.
-        complete = complete and after >= await self.store.purged_through_seq()
+        complete = complete and after >= await self.notifications.purged_through_seq()
         return count, complete

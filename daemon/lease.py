@@ -15,7 +15,8 @@ import uuid
 from typing import Any
 
 from daemon.clock import Clock, rfc3339
-from storage.base import Lease, Store
+from storage.base import Lease
+from storage.protocols import Leases
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,14 @@ class InstanceLease:
 
     def __init__(
         self,
-        store: Store,
+        leases: Leases,
         seconds: float,
         clock: Clock,
         *,
         host: str | None = None,
         pid: int | None = None,
     ) -> None:
-        self.store = store
+        self.leases = leases
         self.seconds = seconds
         self.clock = clock
         self.holder = uuid.uuid4().hex
@@ -91,7 +92,7 @@ class InstanceLease:
         StoreError when the store cannot answer."""
         now = self.clock.now()
         ask = Lease(LEASE_NAME, self.holder, self.host, self.pid, now, now + self.seconds)
-        got = await self.store.acquire_lease(ask, now)
+        got = await self.leases.acquire_lease(ask, now)
         if got.holder == self.holder:
             extra: dict[str, Any] = {"until": rfc3339(got.until)}
             if self._seen is not None:
@@ -134,7 +135,9 @@ class InstanceLease:
         more, a StoreError when the store cannot answer (try again next time)."""
         if self.held is None:
             raise LeaseLost(None)
-        got = await self.store.renew_lease(LEASE_NAME, self.holder, self.clock.now() + self.seconds)
+        got = await self.leases.renew_lease(
+            LEASE_NAME, self.holder, self.clock.now() + self.seconds
+        )
         if got is None or got.holder != self.holder:
             self.held = None
             raise LeaseLost(got)
@@ -145,5 +148,5 @@ class InstanceLease:
         if self.held is None:
             return
         self.held = None
-        await self.store.release_lease(LEASE_NAME, self.holder)
+        await self.leases.release_lease(LEASE_NAME, self.holder)
         log.info("instance_lease_released")

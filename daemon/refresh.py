@@ -11,7 +11,7 @@ from daemon.backend import BackendError, graphql_errors, post_graphql
 from daemon.config import Config
 from daemon.ids import calendar_id_problem, valid_token
 from daemon.rooms import Rooms
-from storage.base import Store
+from storage.protocols import ChannelReader, RoomRepository
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,16 @@ def valid_calendar_id(calendar_id: str) -> bool:
 class Refresher:
     """Asks the backend for its rooms; adds rooms and tokens, prunes only when it is safe."""
 
-    def __init__(self, store: Store, rooms: Rooms, config: Config, token: str | None) -> None:
-        self.store = store
+    def __init__(
+        self,
+        room_store: RoomRepository,
+        channel_store: ChannelReader,
+        rooms: Rooms,
+        config: Config,
+        token: str | None,
+    ) -> None:
+        self.room_store = room_store
+        self.channel_store = channel_store
         self.rooms = rooms
         self.config = config
         self.token = token
@@ -115,7 +123,7 @@ class Refresher:
         for calendar_id, tokens in backend.rooms.items():
             await self._reconcile_room(calendar_id, tokens, summary, dry_run)
         prune = allow_prune or self.config.backend.prune
-        ours = [room.calendar_id for room in await self.store.list_rooms()]
+        ours = [room.calendar_id for room in await self.room_store.list()]
         gone = [calendar_id for calendar_id in ours if calendar_id not in backend.rooms]
         if prune and gone:
             if backend.errors:
@@ -142,16 +150,16 @@ class Refresher:
         if len(valid) < len(tokens):
             reason = f"{len(tokens) - len(valid)} invalid firebaseToken(s) left out"
             summary.failed.append({"calendar_id": calendar_id, "reason": reason})
-        room = await self.store.get_room(calendar_id)
+        room = await self.room_store.get(calendar_id)
         now = self.rooms.clock.now()
         if room is None:
             summary.added += 1
             if not dry_run:
-                await self.store.put_room(calendar_id, None, None, now)
-                await self.store.add_tokens(calendar_id, valid, now, respect_tombstones=True)
+                await self.room_store.put(calendar_id, None, None, now)
+                await self.room_store.add_tokens(calendar_id, valid, now, respect_tombstones=True)
                 await self._channel(calendar_id, summary)
             return
-        tombstoned = await self.store.tombstoned_tokens(calendar_id, now)
+        tombstoned = await self.room_store.tombstoned_tokens(calendar_id, now)
         new = [t for t in valid if t not in room.firebase_tokens and t not in tombstoned]
         if new:
             summary.updated += 1
@@ -160,7 +168,7 @@ class Refresher:
         if dry_run:
             return
         if new:
-            await self.store.add_tokens(calendar_id, new, now, respect_tombstones=True)
+            await self.room_store.add_tokens(calendar_id, new, now, respect_tombstones=True)
         await self._channel(calendar_id, summary)
 
     async def _channel(self, calendar_id: str, summary: RefreshSummary) -> None:
@@ -171,7 +179,7 @@ class Refresher:
         if current is not None and current.state == "failed":
             # No live channel is left: forget the failed ones (nothing runs at Google for
             # them) so that a calendar failing at every refresh does not pile them up.
-            for failed in await self.store.list_channels(calendar_id, states=("failed",)):
+            for failed in await self.channel_store.list(calendar_id, states=("failed",)):
                 await channels.discard(failed)
             current = None
         if current is None:

@@ -50,7 +50,8 @@ class Renewer:
 
     def __init__(self, channels: ChannelManager) -> None:
         self.channels = channels
-        self.store = channels.store
+        self.channel_store = channels.channel_store
+        self.room_store = channels.room_store
         self.clock = channels.clock
         self.config = channels.config
 
@@ -67,9 +68,9 @@ class Renewer:
         now = self.clock.now()
         horizon = now + self.config.google.renew_before
         summary = RenewSummary()
-        rooms = {room.calendar_id for room in await self.store.list_rooms()}
+        rooms = {room.calendar_id for room in await self.room_store.list()}
         by_calendar: dict[str, list[Channel]] = {}
-        for channel in await self.store.list_channels():
+        for channel in await self.channel_store.list():
             by_calendar.setdefault(channel.calendar_id, []).append(channel)
         for calendar_id in sorted(rooms | by_calendar.keys()):
             channels = by_calendar.get(calendar_id, [])
@@ -85,7 +86,7 @@ class Renewer:
         if calendar_id is not None:
             calendars = [calendar_id]
         else:
-            calendars = [room.calendar_id for room in await self.store.list_rooms()]
+            calendars = [room.calendar_id for room in await self.room_store.list()]
         for calendar in calendars:
             async with self._hold(calendar):
                 await self._renew(calendar, summary)
@@ -95,12 +96,12 @@ class Renewer:
         """One calendar, its lock held: everything read again, as another holder may have
         changed it since the unlocked look."""
         channels = self.channels
-        if await self.store.get_room(calendar_id) is None:
-            for orphan in await self.store.list_channels(calendar_id):
+        if await self.room_store.get(calendar_id) is None:
+            for orphan in await self.channel_store.list(calendar_id):
                 await channels.discard(orphan)
             return
         await channels.reinstate(calendar_id)
-        known = await self.store.list_channels(calendar_id)
+        known = await self.channel_store.list(calendar_id)
         if not known:
             log.warning("channel_missing", extra={"calendar_id": calendar_id})
             await self._renew(calendar_id, summary)
@@ -108,7 +109,7 @@ class Renewer:
         live = [c for c in known if c.state in LIVE_STATES]
         if live and live[-1].state == "active" and _due(live[-1], horizon):
             await self._renew(calendar_id, summary)
-            known = await self.store.list_channels(calendar_id)
+            known = await self.channel_store.list(calendar_id)
         await self._stop_expired(known)
 
     async def _stop_expired(self, known: list[Channel]) -> None:
@@ -131,9 +132,9 @@ class Renewer:
         `sync` arrives), so that the successor is the only live one. A successor that fails
         for good, now or later, gives the old channel back (ChannelManager.reinstate)."""
         channels = self.channels
-        for old in await self.store.list_channels(calendar_id):
+        for old in await self.channel_store.list(calendar_id):
             if old.state == "active":
-                await self.store.update_channel(old.id, self.clock.now(), state="retiring")
+                await self.channel_store.update(old.id, self.clock.now(), state="retiring")
             elif old.state in ("pending", "failed"):
                 # Never watched successfully: nothing overlaps, so no need to keep it.
                 await channels.discard(old)

@@ -6,7 +6,8 @@ import logging
 
 from daemon.channels import ChannelManager
 from daemon.clock import Clock
-from storage.base import Room, Store
+from storage.base import Room
+from storage.protocols import RoomRepository
 
 log = logging.getLogger(__name__)
 
@@ -14,8 +15,8 @@ log = logging.getLogger(__name__)
 class Rooms:
     """Creates, changes and deletes rooms, keeping their channels in step."""
 
-    def __init__(self, store: Store, channels: ChannelManager, clock: Clock) -> None:
-        self.store = store
+    def __init__(self, room_store: RoomRepository, channels: ChannelManager, clock: Clock) -> None:
+        self.room_store = room_store
         self.channels = channels
         self.clock = clock
 
@@ -24,7 +25,7 @@ class Rooms:
     ) -> tuple[Room, bool]:
         """Create or update (a token list replaces the set); make sure a channel exists. A name
         or token change never recreates the channel."""
-        room, created = await self.store.put_room(calendar_id, name, tokens, self.clock.now())
+        room, created = await self.room_store.put(calendar_id, name, tokens, self.clock.now())
         if created:
             log.info("room_added", extra={"calendar_id": calendar_id})
         await self.channels.ensure_channel(calendar_id)
@@ -32,14 +33,14 @@ class Rooms:
 
     async def add_token(self, calendar_id: str, token: str) -> Room | None:
         """An explicit add clears the token's tombstone."""
-        added = await self.store.add_tokens(
+        added = await self.room_store.add_tokens(
             calendar_id, [token], self.clock.now(), respect_tombstones=False
         )
         return added[0] if added else None
 
     async def delete(self, calendar_id: str) -> bool:
         """Forget the room, cancel its deliveries, stop its channels (queued, retried)."""
-        if not await self.store.delete_room(calendar_id):
+        if not await self.room_store.delete(calendar_id):
             return False
         stopped = await self.channels.forget_calendar(calendar_id)
         log.info("room_deleted", extra={"calendar_id": calendar_id, "channels": stopped})

@@ -1,7 +1,7 @@
 """Publication announcements put back in seq order, with no gap, for the WebSocket fan-out.
 
 Syncs of different calendars run concurrently, so the announcement of seq 7 can come before
-the one of seq 6. A store shows seq N only once N-1 is committed (`publish_notification`), so
+the one of seq 6. A store shows seq N only once N-1 is committed (`notifications.publish`), so
 when 7 is announced while 6 is not, 6 is readable already: it is read from the store rather
 than waited for (its announcement may never come, if its announcer failed). What is read and
 announced twice goes out once.
@@ -19,7 +19,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from storage.base import Notification, Store, StoreError
+from storage.base import Notification, StoreError
+from storage.protocols import NotificationFeed
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,11 @@ class InOrder:
 
     def __init__(
         self,
-        store: Store,
+        notifications: NotificationFeed,
         emit: Callable[[Notification], None],
         on_gap: Callable[[int, int], None],
     ) -> None:
-        self.store = store
+        self.notifications = notifications
         self.emit = emit
         self.on_gap = on_gap  # (last seq emitted, next seq emitted): what lies between is lost
         # The highest seq emitted; None until known (the store may be down at start).
@@ -46,7 +47,7 @@ class InOrder:
 
     async def start(self) -> None:
         """Begin after what the store has published already."""
-        self.last = await self.store.last_seq()
+        self.last = await self.notifications.last_seq()
 
     def close(self) -> None:
         self.closed = True
@@ -109,9 +110,7 @@ class InOrder:
         found: dict[int, Notification] = {}
         try:
             while after < up_to:
-                page = await self.store.list_notifications(
-                    after=after, up_to=up_to, limit=FILL_PAGE
-                )
+                page = await self.notifications.list(after=after, up_to=up_to, limit=FILL_PAGE)
                 found.update((n.seq, n) for n in page if n.seq is not None)
                 if len(page) < FILL_PAGE:
                     break

@@ -12,7 +12,8 @@ from daemon.backoff import backoff_delay
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.google_calendar import GoogleCalendar, GoogleError
-from storage.base import ChannelStop, Store
+from storage.base import ChannelStop
+from storage.protocols import ChannelStops
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ class StopQueue:
 
     def __init__(
         self,
-        store: Store,
+        stop_store: ChannelStops,
         google: GoogleCalendar | None,
         clock: Clock,
         config: Config,
         spawn: Spawn,
     ) -> None:
-        self.store = store
+        self.stop_store = stop_store
         self.google = google
         self.clock = clock
         self.config = config
@@ -55,7 +56,7 @@ class StopQueue:
 
     async def queue(self, channel_id: str, resource_id: str, calendar_id: str | None) -> bool:
         """Queue the channel's stop (once per id) and send it soon."""
-        queued = await self.store.enqueue_stop(
+        queued = await self.stop_store.enqueue_stop(
             channel_id, resource_id, calendar_id, self.clock.now()
         )
         if queued:
@@ -66,7 +67,7 @@ class StopQueue:
         """A webhook call for a channel we do not know: stop it once (an id queued or stopped
         already queues nothing), unless the queue is full: anyone can post made-up channel ids,
         and the bound keeps them from filling the disk. The check reads no queue."""
-        outcome = await self.store.enqueue_unknown_stop(
+        outcome = await self.stop_store.enqueue_unknown_stop(
             channel_id, resource_id, self.clock.now(), self.max_queued
         )
         if outcome == "queued":
@@ -101,7 +102,7 @@ class StopQueue:
         if self.google is None:
             return 0
         done = 0
-        for stop in await self.store.due_stops(self.clock.now()):
+        for stop in await self.stop_store.due_stops(self.clock.now()):
             try:
                 await self.google.stop(stop.channel_id, stop.resource_id)
             except GoogleError as error:
@@ -123,11 +124,11 @@ class StopQueue:
             await self._finish(stop)
             return
         delay = backoff_delay(attempts, base=RETRY_BASE, cap=RETRY_CAP)
-        await self.store.reschedule_stop(stop.channel_id, self.clock.now() + delay, str(error))
+        await self.stop_store.reschedule_stop(stop.channel_id, self.clock.now() + delay, str(error))
 
     async def _finish(self, stop: ChannelStop) -> None:
         """Off the queue; the id remembered as long as Google could still send on it."""
         now = self.clock.now()
-        await self.store.finish_stop(
+        await self.stop_store.finish_stop(
             stop.channel_id, now + self.config.google.channel_ttl, now, self.max_remembered
         )

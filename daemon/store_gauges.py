@@ -11,20 +11,13 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import get_args
+from typing import Protocol, get_args
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from daemon.clock import Clock
-from storage.base import (
-    CHANNEL_STATES,
-    ChannelState,
-    DeliveryState,
-    Store,
-    StoreError,
-    TargetKind,
-)
+from storage.base import CHANNEL_STATES, ChannelState, DeliveryState, StoreError, TargetKind
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +34,47 @@ class StoreFigures:
     stops: int
 
 
-async def read_figures(store: Store, now: float) -> StoreFigures:
+class RoomCounts(Protocol):
+    async def count_without_channel(self, now: float) -> int: ...
+
+
+class ChannelCounts(Protocol):
+    async def count_by_state(self) -> dict[ChannelState, int]: ...
+
+    async def soonest_expiry(self) -> float | None: ...
+
+    async def count_stops(self) -> int: ...
+
+
+class BacklogCount(Protocol):
+    async def count_unsynced(self) -> int: ...
+
+
+class OutboxCounts(Protocol):
+    async def counts(
+        self, calendar_id: str | None = None
+    ) -> dict[tuple[DeliveryState, TargetKind], int]: ...
+
+
+@dataclass(frozen=True)
+class Counted:
+    """Where the figures come from: the count methods of four of the store's repositories."""
+
+    rooms: RoomCounts
+    channels: ChannelCounts
+    notifications: BacklogCount
+    outbox: OutboxCounts
+
+
+async def read_figures(counted: Counted, now: float) -> StoreFigures:
     """One small set of counts, all grouped or indexed in the database."""
     deliveries, unsynced, channels, without, soonest, stops = await asyncio.gather(
-        store.delivery_counts(),
-        store.count_unsynced_notifications(),
-        store.channel_counts(),
-        store.count_rooms_without_channel(now),
-        store.soonest_channel_expiry(),
-        store.count_stops(),
+        counted.outbox.counts(),
+        counted.notifications.count_unsynced(),
+        counted.channels.count_by_state(),
+        counted.rooms.count_without_channel(now),
+        counted.channels.soonest_expiry(),
+        counted.channels.count_stops(),
     )
     return StoreFigures(deliveries, unsynced, channels, without, soonest, stops)
 
@@ -57,8 +82,8 @@ async def read_figures(store: Store, now: float) -> StoreFigures:
 class StoreGauges(Collector):
     """The store's figures as gauges; none before the first successful count."""
 
-    def __init__(self, store: Store, clock: Clock) -> None:
-        self.store = store
+    def __init__(self, counted: Counted, clock: Clock) -> None:
+        self.counted = counted
         self.clock = clock
         self.figures: StoreFigures | None = None
         self._failing = False
@@ -68,7 +93,7 @@ class StoreGauges(Collector):
         fails or takes longer than COUNT_TIMEOUT."""
         try:
             async with asyncio.timeout(COUNT_TIMEOUT):
-                self.figures = await read_figures(self.store, self.clock.now())
+                self.figures = await read_figures(self.counted, self.clock.now())
         except (StoreError, TimeoutError) as error:
             if not self._failing:
                 reason = str(error) or f"no answer within {COUNT_TIMEOUT:g} s"

@@ -17,7 +17,8 @@ from daemon.google_calendar import (
     PermanentGoogleError,
     SyncTokenExpired,
 )
-from storage.base import Notification, Room, Store, StoreError, Target
+from storage.base import Notification, Room, StoreError, Target
+from storage.protocols import NotificationRepository, RoomReader, SyncTokens
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ class Syncer:
 
     def __init__(
         self,
-        store: Store,
+        notifications: NotificationRepository,
+        rooms: RoomReader,
+        sync_tokens: SyncTokens,
         google: GoogleCalendar | None,
         clock: Clock,
         config: Config,
@@ -76,7 +79,9 @@ class Syncer:
         *,
         fcm: bool = True,
     ) -> None:
-        self.store = store
+        self.notifications = notifications
+        self.rooms = rooms
+        self.sync_tokens = sync_tokens
         self.google = google
         self.clock = clock
         self.config = config
@@ -104,7 +109,7 @@ class Syncer:
 
     async def resume(self) -> None:
         """At start: kick every calendar with `received` notifications (left by a crash)."""
-        waiting = await self.store.received_notifications(BATCH_LIMIT)
+        waiting = await self.notifications.received(BATCH_LIMIT)
         calendars = list(dict.fromkeys(n.calendar_id for n in waiting))
         for calendar_id in calendars:
             self.kick(calendar_id)
@@ -129,7 +134,7 @@ class Syncer:
         if self.google is None:
             log.warning("poll_unconfigured", extra={"reason": "no Google credentials"})
             return 0
-        rooms = await self.store.list_rooms()
+        rooms = await self.rooms.list()
         limit = asyncio.Semaphore(max(1, self.config.google.max_concurrency))
         published = 0
 
@@ -253,12 +258,12 @@ class Syncer:
             raise RetryLater(len(batch)) from error
 
     async def _batch(self, calendar_id: str) -> list[Notification]:
-        return await self.store.received_notifications(BATCH_LIMIT, calendar_id=calendar_id)
+        return await self.notifications.received(BATCH_LIMIT, calendar_id=calendar_id)
 
     async def _sync_batch(
         self, calendar_id: str, batch: list[Notification], *, poll: bool
     ) -> Notification | None:
-        if await self.store.get_room(calendar_id) is None:
+        if await self.rooms.get(calendar_id) is None:
             await self._skip(calendar_id, batch, "room_gone")
             return None
         if not batch and not poll:
@@ -285,7 +290,7 @@ class Syncer:
         changes = [] if full_resync else changes_of(listing.items)
         published: Notification | None = None
         if changes or full_resync:
-            room = await self.store.get_room(calendar_id)  # its tokens as they are now
+            room = await self.rooms.get(calendar_id)  # its tokens as they are now
             if room is None:  # deleted during the list; its sync token went with it
                 await self._skip(calendar_id, batch, "room_gone")
                 return None
@@ -300,7 +305,7 @@ class Syncer:
             commit.add_done_callback(self._commit_done)
             published = await asyncio.shield(commit)
         else:
-            await self.store.set_sync_token(calendar_id, listing.next_sync_token)
+            await self.sync_tokens.set_sync_token(calendar_id, listing.next_sync_token)
         await self._skip(calendar_id, batch, "coalesced" if published else "nothing_new")
         return published
 
@@ -313,7 +318,7 @@ class Syncer:
         sync_token: str | None,
     ) -> Notification:
         calendar_id = chosen.calendar_id
-        published = await self.store.publish_notification(
+        published = await self.notifications.publish(
             chosen.id, changes, full_resync, self._targets(room), self.clock.now()
         )
         log.info(
@@ -330,7 +335,7 @@ class Syncer:
         self._announce(published)
         # Stored after publishing: a crash in between syncs the same changes again (at least
         # once, never lost); before skipping: a failed skip then costs only an empty re-sync.
-        await self.store.set_sync_token(calendar_id, sync_token)
+        await self.sync_tokens.set_sync_token(calendar_id, sync_token)
         return published
 
     def _commit_done(self, commit: asyncio.Task[Notification]) -> None:
@@ -348,7 +353,7 @@ class Syncer:
     async def _list(self, google: GoogleCalendar, calendar_id: str) -> tuple[EventList, bool]:
         """Every page since the stored sync token; a full list (full_resync) when there is no
         token or Google says it expired (410)."""
-        token = await self.store.get_sync_token(calendar_id)
+        token = await self.sync_tokens.get_sync_token(calendar_id)
         if token is not None:
             try:
                 return await google.list_events(calendar_id, token), False
@@ -358,7 +363,7 @@ class Syncer:
         return EventList(items=[], next_sync_token=await google.full_sync_token(calendar_id)), True
 
     async def _poll_notification(self, calendar_id: str) -> Notification:
-        return await self.store.add_notification(
+        return await self.notifications.add(
             calendar_id, "poll", "exists", received_at=self.clock.now()
         )
 
@@ -372,7 +377,7 @@ class Syncer:
     async def _skip(self, calendar_id: str, batch: list[Notification], reason: str) -> None:
         now = self.clock.now()
         for notification in batch:
-            await self.store.skip_notification(notification.id, now)
+            await self.notifications.skip(notification.id, now)
         if batch:
             log.debug(
                 "skipped",

@@ -90,9 +90,9 @@ class DeliveryListHandler(DeliveriesBase):
         limit = self.int_arg("limit", PAGE_DEFAULT, 1, PAGE_MAX) or PAGE_DEFAULT
         before = self.int_arg("before", None, 1, ID_MAX)
         store = self.service.store
-        page = await store.list_deliveries(state, calendar_id, before, limit)
+        page = await store.outbox.list(state, calendar_id, before, limit)
         by_state = dict.fromkeys(DELIVERY_STATES, 0)
-        for (counted, _kind), n in (await store.delivery_counts(calendar_id)).items():
+        for (counted, _kind), n in (await store.outbox.counts(calendar_id)).items():
             by_state[counted] = by_state.get(counted, 0) + n
         self.write_json(
             {
@@ -121,7 +121,7 @@ class DeliveryRetryHandler(DeliveriesBase):
             )
         ids = check_ids(body["ids"]) if state is None else None
         service = self.service
-        outcome = await service.store.retry_deliveries(service.clock.now(), ids=ids, state=state)
+        outcome = await service.store.outbox.retry(service.clock.now(), ids=ids, state=state)
         if outcome.retried:
             service.delivery.wake()  # they are due now
         log.info(

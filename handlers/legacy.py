@@ -118,7 +118,7 @@ class LegacyChannelsHandler(LegacyBase):
     """GET /channels (every channel) · POST /channels (renew every channel)"""
 
     async def get(self) -> None:
-        channels = await self.service.store.list_channels()
+        channels = await self.service.store.channels.list()
         self.write_json({"channels": [channel_json(c) for c in channels]})
 
     async def post(self) -> None:

@@ -60,18 +60,19 @@ class NotificationListHandler(BaseHandler):
         limit = self.int_arg("limit", PAGE_DEFAULT, 1, PAGE_MAX)
         unpublished = self.flag_arg("include_unpublished")
         store = self.service.store
-        found = await store.list_notifications(
+        found = await store.notifications.list(
             calendar_id=calendar_id,
             after=after,
             limit=limit or PAGE_DEFAULT,
             include_unpublished=unpublished,
+            with_deliveries=True,  # the operators' view: the one reader that shows them
         )
         # With include_unpublished the page is in id order and `after`/`next_after` are ids.
         last = [(n.id if unpublished else n.seq) or 0 for n in found]
         self.write_json(
             {
                 "notifications": [notification_json(n) for n in found],
-                "store_epoch": await store.store_epoch(),
+                "store_epoch": await store.meta.store_epoch(),
                 "next_after": last[-1] if last else after,
             }
         )

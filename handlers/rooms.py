@@ -84,7 +84,7 @@ class RoomsBase(BaseHandler):
         return room_json(room, channel, full=self.flag_arg("full"))
 
     async def known_room(self, calendar_id: str) -> Room:
-        room = await self.service.store.get_room(check_calendar_id(calendar_id))
+        room = await self.service.store.rooms.get(check_calendar_id(calendar_id))
         if room is None:
             raise ApiError(404, "room_not_found", f"no room for calendar {calendar_id!r}")
         return room
@@ -96,9 +96,9 @@ class RoomListHandler(RoomsBase):
     auth = "api_key"
 
     async def get(self) -> None:
-        rooms = await self.service.store.list_rooms()
+        rooms = await self.service.store.rooms.list()
         by_calendar: dict[str, list[Channel]] = {}
-        for channel in await self.service.store.list_channels():
+        for channel in await self.service.store.channels.list():
             by_calendar.setdefault(channel.calendar_id, []).append(channel)
         full = self.flag_arg("full")
         answer = [room_json(r, current_of(by_calendar.get(r.calendar_id, [])), full) for r in rooms]
@@ -140,7 +140,7 @@ class RoomTokenHandler(RoomsBase):
 
     async def delete(self, calendar_id: str, token: str) -> None:
         await self.known_room(calendar_id)
-        await self.service.store.remove_token(
+        await self.service.store.rooms.remove_token(
             calendar_id, check_token(token), self.service.clock.now()
         )
         self.set_status(204)
@@ -153,7 +153,7 @@ class ChannelListHandler(BaseHandler):
     auth = "api_key"
 
     async def get(self) -> None:
-        channels = await self.service.store.list_channels()
+        channels = await self.service.store.channels.list()
         self.write_json({"channels": [channel_json(c) for c in channels]})
 
 
@@ -166,7 +166,7 @@ class ChannelRenewHandler(BaseHandler):
         calendar_id = self.str_arg("calendar_id")
         if calendar_id is not None:
             check_calendar_id(calendar_id)
-            if await self.service.store.get_room(calendar_id) is None:
+            if await self.service.store.rooms.get(calendar_id) is None:
                 raise ApiError(404, "room_not_found", f"no room for calendar {calendar_id!r}")
         summary = await self.service.channels.renew_now(calendar_id)
         self.write_json(summary.as_json())

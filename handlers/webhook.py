@@ -105,7 +105,7 @@ class WebhookHandler(BaseHandler):
 
     async def _handle(self, google: GoogleHeaders) -> str:
         service = self.service
-        channel = await service.store.get_channel(google.channel_id)
+        channel = await service.store.channels.get(google.channel_id)
         if channel is None:
             queued = await service.channels.queue_unknown_stop(
                 google.channel_id, google.resource_id
@@ -122,8 +122,8 @@ class WebhookHandler(BaseHandler):
         ):
             raise ApiError(403, "bad_resource_id", "the resource id is not the channel's")
         if google.resource_state == "sync":
-            await service.store.advance_message_number(channel.id, google.message_number)
-            confirmed = await service.store.confirm_channel(
+            await service.store.channels.advance_message_number(channel.id, google.message_number)
+            confirmed = await service.store.channels.confirm(
                 channel.id, google.resource_id, service.clock.now()
             )
             if confirmed is not None:
@@ -138,7 +138,7 @@ class WebhookHandler(BaseHandler):
         # Stored before the answer, raising the channel's last number in the same step; the
         # unique (channel, number) pair makes a retry from Google a duplicate in any case.
         try:
-            notification = await service.store.add_notification(
+            notification = await service.store.notifications.add(
                 channel.calendar_id,
                 "webhook",
                 google.resource_state,

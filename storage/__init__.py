@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from storage.base import Store, StoreConfigError
+from storage.base import StoreConfigError
+from storage.protocols import Store
 
 
 def sqlite_path(url: str) -> str:

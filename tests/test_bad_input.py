@@ -121,11 +121,11 @@ async def state(service: Service, emulator: Any) -> Any:
     """Everything a request could change: the store's contents and the calls made to Google."""
     store = service.store
     return (
-        await store.list_rooms(),
-        await store.list_channels(),
-        await store.list_notifications(include_unpublished=True, limit=500),
-        await store.list_stops(),
-        await store.tombstoned_tokens(ROOM, service.clock.now()),
+        await store.rooms.list(),
+        await store.channels.list(),
+        await store.notifications.list(include_unpublished=True, limit=500, with_deliveries=True),
+        await store.channels.list_stops(),
+        await store.rooms.tombstoned_tokens(ROOM, service.clock.now()),
         len(emulator.google.calls),
     )
 

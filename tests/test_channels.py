@@ -44,9 +44,11 @@ async def test_the_first_channel_starts_with_a_full_list_then_watch(make_service
     assert status == 201
     methods = [method for method, calendar, _ in emulator.google.calls if calendar == ROOM]
     assert methods[:2] == ["list", "watch"]
-    assert await service.store.get_sync_token(ROOM)
+    assert await service.store.channels.get_sync_token(ROOM)
     # The first list pushes nothing.
-    assert await service.store.list_notifications(include_unpublished=True) == []
+    assert (
+        await service.store.notifications.list(include_unpublished=True, with_deliveries=True) == []
+    )
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -61,7 +63,7 @@ async def test_the_first_list_asks_google_for_its_tokens_only(
     uri, page = list_pages[0]
     assert "fields=nextPageToken%2CnextSyncToken" in uri
     assert list(page) == ["nextSyncToken"]  # the events stay at Google
-    assert await service.store.get_sync_token(ROOM) == page["nextSyncToken"]
+    assert await service.store.channels.get_sync_token(ROOM) == page["nextSyncToken"]
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -141,15 +143,15 @@ async def test_a_failed_first_list_is_retried_before_the_watch(make_service, emu
     await service.channels.retry_pending()
     await settle(service, emulator)
     assert (await channel_state(service))["state"] == "active"
-    assert await service.store.get_sync_token(ROOM)
+    assert await service.store.channels.get_sync_token(ROOM)
 
 
 async def put_with_a_late_watch(service):
     """PUT a room while its watch is held in the gateway's thread (CalendarCallsHeld): the
     PUT gives up after request_timeout, and so does the watch call itself; the watch then
     reaches Google when the test releases the hold, and its answer comes late."""
-    await service.store.put_room(ROOM, None, None, service.clock.now())
-    await service.store.set_sync_token(ROOM, "first-sync-token")
+    await service.store.rooms.put(ROOM, None, None, service.clock.now())
+    await service.store.channels.set_sync_token(ROOM, "first-sync-token")
     status, room = await call(service, "PUT", PATH, {})
     assert status == 200
     # Stored before the watch, answered as it stood when the PUT stopped waiting.
@@ -186,8 +188,8 @@ async def test_a_late_watch_for_a_deleted_room_is_stopped(make_service, emulator
     await service.channels.process_stops()
     assert len(google_channels(emulator)) == 1
     assert google_channels(emulator, "live") == []
-    assert await service.store.list_channels() == []
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list() == []
+    assert await service.store.channels.list_stops() == []
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -201,7 +203,7 @@ async def test_delete_stops_the_channel_and_retries_while_google_fails(
     status, _ = await call(service, "DELETE", PATH)
     assert status == 204
     await settle(service, emulator)
-    [stop] = await service.store.list_stops()
+    [stop] = await service.store.channels.list_stops()
     assert stop.attempts == 1 and "500" in (stop.last_error or "")
     assert len(google_channels(emulator, "live")) == 1
     assert (await call(service, "GET", PATH))[0] == 404
@@ -220,7 +222,7 @@ async def test_a_stop_that_google_answers_404_counts_as_stopped(make_service, em
     emulator.google.inject("stop", status=404, reason="notFound")
     await call(service, "DELETE", PATH)
     await settle(service, emulator)
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -311,9 +313,9 @@ async def test_a_channel_in_flight_at_a_crash_is_retried_after_restart(
 ):
     service = await make_service(clock=clock, emulator=emulator)
     await call(service, "PUT", PATH, {})
-    [channel] = await service.store.list_channels()
+    [channel] = await service.store.channels.list()
     # As if the process died while its watch was under way.
-    await service.store.update_channel(
+    await service.store.channels.update(
         channel.id, clock.now(), state="pending", resource_id="", next_attempt_at=None
     )
     await service.channels.recover_after_restart()

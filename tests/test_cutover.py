@@ -40,9 +40,9 @@ async def run_mrm_api_tasks(service, mrm_push_url: str) -> None:
 
 
 async def assert_registered(service) -> None:
-    room = await service.store.get_room(ROOM)
+    room = await service.store.rooms.get(ROOM)
     assert room is not None and room.firebase_tokens == (TABLET,)
-    assert await service.store.get_room(OTHER_ROOM) is None
+    assert await service.store.rooms.get(OTHER_ROOM) is None
     channel = await service.channels.current_channel(ROOM)
     assert channel is not None and channel.state in ("pending", "active")
 
@@ -68,7 +68,7 @@ async def test_without_the_key_mrm_api_s_calls_change_nothing_and_say_so(
         f"http://mrm:not-the-key-0123456789@127.0.0.1:{service.port}",
     ):
         await run_mrm_api_tasks(service, url)
-    assert await service.store.list_rooms() == []
+    assert await service.store.rooms.list() == []
     refused = [r for r in caplog.records if r.getMessage() == "legacy_call_refused"]
     assert len(refused) == 8 and {r.route for r in refused} == {
         "/add_room",
@@ -132,7 +132,7 @@ async def test_mrm_api_s_calls_work_from_an_allowed_address_behind_a_trusted_pro
     await assert_registered(service)
     # The same calls straight to the service come from 127.0.0.1, which is not allowed.
     await in_thread(mrm_api.add_room, service.base_url, OTHER_ROOM, None)
-    assert await service.store.get_room(OTHER_ROOM) is None
+    assert await service.store.rooms.get(OTHER_ROOM) is None
 
 
 @pytest.fixture

@@ -112,8 +112,8 @@ async def test_the_list_pages_newest_first_and_never_shows_a_whole_token(make_se
     store, now = service.store, service.clock.now()
     made = []
     for calendar_id in ("a@x", "b@x", "a@x"):
-        received = await store.add_notification(calendar_id, "poll", "exists", now)
-        published = await store.publish_notification(
+        received = await store.notifications.add(calendar_id, "poll", "exists", now)
+        published = await store.notifications.publish(
             received.id, [], True, [Target("fcm", TABLET), Target("fcm", OTHER_TABLET)], now
         )
         made += [d.id for d in published.deliveries]
@@ -173,16 +173,16 @@ BAD = [
 async def test_bad_input_is_a_400_that_changes_nothing(make_service):
     service = await make_service()
     store, now = service.store, service.clock.now()
-    received = await store.add_notification("a@x", "poll", "exists", now)
-    published = await store.publish_notification(
+    received = await store.notifications.add("a@x", "poll", "exists", now)
+    published = await store.notifications.publish(
         received.id, [], True, [Target("fcm", TABLET)], now
     )
     (delivery,) = published.deliveries
-    await store.finish_delivery(delivery.id, "failed", now, attempts=1, last_error="x")
+    await store.outbox.finish(delivery.id, "failed", now, attempts=1, last_error="x")
     for method, path, body, code in BAD:
         status, answer = await call(service, method, path, body)
         assert (status, answer["error"]["code"]) == (400, code), (path, body, answer)
     for method, path in [("GET", "/v1/deliveries"), ("POST", "/v1/deliveries/retry?state=failed")]:
         status, answer = await call(service, method, path, key=None)
         assert (status, answer["error"]["code"]) == (401, "unauthorized")
-    assert (await store.list_deliveries())[0].state == "failed"
+    assert (await store.outbox.list())[0].state == "failed"

@@ -195,7 +195,10 @@ def make_worker(io_loop, store, clock, emu, executor):
                 clock=clock,
             )
             senders.append(sender)
-        return DeliveryWorker(kw.pop("store", store), sender, clock, config, BACKEND_TOKEN)
+        on = kw.pop("store", store)
+        return DeliveryWorker(
+            on.outbox, on.notifications, on.rooms, sender, clock, config, BACKEND_TOKEN
+        )
 
     yield make
     for sender in senders:
@@ -219,9 +222,9 @@ async def publish(
     changes: list[dict[str, Any]] | None = None,
     full_resync: bool = False,
 ) -> Notification:
-    received = await store.add_notification(calendar, "poll", "exists", clock.now())
+    received = await store.notifications.add(calendar, "poll", "exists", clock.now())
     targets = [Target("fcm", t) for t in tokens] + ([Target("backend")] if notify else [])
-    return await store.publish_notification(
+    return await store.notifications.publish(
         received.id,
         [change("ev1")] if changes is None else changes,
         full_resync,
@@ -231,7 +234,7 @@ async def publish(
 
 
 async def delivery(store, notification: Notification, token: str | None = None) -> Delivery:
-    stored = await store.get_notification(notification.id)
+    stored = await store.notifications.get(notification.id, with_deliveries=True)
     [found] = [d for d in stored.deliveries if d.target.token == token]
     return found
 
@@ -239,7 +242,7 @@ async def delivery(store, notification: Notification, token: str | None = None) 
 async def states(store, *notifications: Notification) -> list[str]:
     found = []
     for notification in notifications:
-        stored = await store.get_notification(notification.id)
+        stored = await store.notifications.get(notification.id, with_deliveries=True)
         found += [d.state for d in stored.deliveries]
     return found
 
@@ -248,7 +251,7 @@ async def run_until_settled(worker, store, clock, rounds: int = 30) -> None:
     """Run, then move the clock to the next due delivery, until nothing waits."""
     for _ in range(rounds):
         await worker.run_once()
-        due = await store.next_delivery_due()
+        due = await store.outbox.next_due()
         if due is None:
             return
         clock.set(due)
@@ -373,24 +376,22 @@ async def test_refused_token_is_tombstoned_and_its_other_deliveries_cancelled(
 ):
     caplog.set_level(logging.DEBUG, logger="daemon")
     worker = make_worker()
-    await store.put_room(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
+    await store.rooms.put(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
     emu.fcm.set_state(TOKEN, state)
     first = await publish(store, clock, (TOKEN, TOKEN_B))
     later = await publish(store, clock, (TOKEN,))
     # The later one waits for a retry: it is pending, not due, when the token is refused.
     waiting = await delivery(store, later, TOKEN)
-    await store.finish_delivery(
-        waiting.id, "pending", clock.now(), next_attempt_at=clock.now() + 99
-    )
+    await store.outbox.finish(waiting.id, "pending", clock.now(), next_attempt_at=clock.now() + 99)
 
     assert await worker.run_once() == 2
     refused = await delivery(store, first, TOKEN)
     assert (refused.state, refused.attempts, refused.last_error) == ("failed", 1, error)
     assert (await delivery(store, later, TOKEN)).state == "cancelled"
     assert (await delivery(store, first, TOKEN_B)).state == "sent"
-    assert (await store.get_room(CAL)).firebase_tokens == (TOKEN_B,)
-    assert await store.tombstoned_tokens(CAL, clock.now() + 30 * DAY - 1) == {TOKEN}
-    assert await store.tombstoned_tokens(CAL, clock.now() + 30 * DAY) == set()
+    assert (await store.rooms.get(CAL)).firebase_tokens == (TOKEN_B,)
+    assert await store.rooms.tombstoned_tokens(CAL, clock.now() + 30 * DAY - 1) == {TOKEN}
+    assert await store.rooms.tombstoned_tokens(CAL, clock.now() + 30 * DAY) == set()
     assert (worker.dropped_tokens, worker.failed, worker.sent) == (1, 1, 1)
     assert not worker.breaker_open
     logged = [
@@ -405,15 +406,15 @@ async def test_refused_token_is_tombstoned_and_its_other_deliveries_cancelled(
 @pytest.mark.gen_test(timeout=20)
 async def test_other_400_fails_at_once_with_fcms_message(store, clock, emu, make_worker):
     worker = make_worker()
-    await store.put_room(CAL, "Room", [TOKEN], clock.now())
+    await store.rooms.put(CAL, "Room", [TOKEN], clock.now())
     emu.fcm.fail(TOKEN, 400, message="Invalid data payload key: from")
     notification = await publish(store, clock)
     assert await worker.run_once() == 1
     failed = await delivery(store, notification, TOKEN)
     assert (failed.state, failed.attempts) == ("failed", 1)
     assert failed.last_error == "INVALID_ARGUMENT (HTTP 400): Invalid data payload key: from"
-    assert (await store.get_room(CAL)).firebase_tokens == (TOKEN,)  # the token stays
-    assert await store.next_delivery_due() is None
+    assert (await store.rooms.get(CAL)).firebase_tokens == (TOKEN,)  # the token stays
+    assert await store.outbox.next_due() is None
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -427,7 +428,7 @@ async def test_unavailable_twice_then_sent_on_the_clock(store, clock, emu, make_
     assert (first.state, first.attempts) == ("pending", 1)
     assert first.last_error == "UNAVAILABLE (HTTP 503): The service is currently unavailable."
     assert 5 <= first.next_attempt_at - start <= 10  # backoff with jitter, from 10 s
-    assert await store.next_delivery_due() == first.next_attempt_at
+    assert await store.outbox.next_due() == first.next_attempt_at
 
     assert await worker.run_once() == 0
     clock.set(first.next_attempt_at - 0.01)
@@ -489,7 +490,7 @@ async def test_max_attempts_then_failed_with_the_last_error(store, clock, emu, m
 async def test_every_delivery_ends_final_none_lost(store, clock, emu, backend, make_worker):
     worker = make_worker(fcm={"max_attempts": 3}, backend=backend_settings(backend, max_attempts=2))
     tokens = [tok(f"m{i}") for i in range(8)]
-    await store.put_room(CAL, "Room", tokens, clock.now())
+    await store.rooms.put(CAL, "Room", tokens, clock.now())
     emu.fcm.set_state(tokens[0], "unregistered")
     emu.fcm.fail(tokens[1], 503, count=100)
     emu.fcm.fail(tokens[2], 400, count=100)
@@ -500,7 +501,7 @@ async def test_every_delivery_ends_final_none_lost(store, clock, emu, backend, m
     await run_until_settled(worker, store, clock)
     found = await states(store, *published)
     assert len(found) == 3 * 9 and set(found) <= FINAL_DELIVERY_STATES
-    assert await store.count_deliveries("pending") == await store.count_deliveries("in_flight") == 0
+    assert await store.outbox.count("pending") == await store.outbox.count("in_flight") == 0
     assert found.count("sent") == worker.sent == 3 * 5
     assert found.count("cancelled") == 3 * 9 - worker.sent - worker.failed
     assert found.count("failed") == worker.failed
@@ -520,7 +521,7 @@ async def test_five_mismatching_tokens_are_dropped_breaker_stays_closed(
 ):
     worker = make_worker()  # mismatch_breaker 5: "more than 5" opens it
     tokens = [tok(f"x{i}") for i in range(5)]
-    await store.put_room(CAL, "Room", tokens, clock.now())
+    await store.rooms.put(CAL, "Room", tokens, clock.now())
     for token in tokens:
         emu.fcm.set_state(token, "sender_id_mismatch")
     notification = await publish(store, clock, tokens)
@@ -528,19 +529,19 @@ async def test_five_mismatching_tokens_are_dropped_breaker_stays_closed(
     assert not worker.breaker_open
     await worker.check()
     assert await states(store, notification) == ["failed"] * 5
-    stored = await store.get_notification(notification.id)
+    stored = await store.notifications.get(notification.id, with_deliveries=True)
     assert all(
         d.last_error == "SENDER_ID_MISMATCH (HTTP 403): SenderId mismatch; token dropped"
         for d in stored.deliveries
     )
-    assert await store.tombstoned_tokens(CAL, clock.now()) == set(tokens)
+    assert await store.rooms.tombstoned_tokens(CAL, clock.now()) == set(tokens)
     assert worker.dropped_tokens == 5
     assert breaker_log(caplog) == []
 
     # A sixth token a minute later: the first five are out of the window.
     clock.advance(MISMATCH_WINDOW)
     late = tok("late")
-    await store.add_tokens(CAL, [late], clock.now(), respect_tombstones=True)
+    await store.rooms.add_tokens(CAL, [late], clock.now(), respect_tombstones=True)
     emu.fcm.set_state(late, "sender_id_mismatch")
     await publish(store, clock, (late,))
     assert await worker.run_once() == 1
@@ -553,7 +554,7 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     worker = make_worker()
     bad = [tok(f"x{i}") for i in range(7)]
     good = tok("good")
-    await store.put_room(CAL, "Room", [*bad, good], clock.now())
+    await store.rooms.put(CAL, "Room", [*bad, good], clock.now())
     for token in bad:
         emu.fcm.set_state(token, "sender_id_mismatch")
 
@@ -562,9 +563,9 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     opened_at = clock.now()
     assert await worker.run_once() == 6
     assert worker.breaker_open
-    stored = await store.get_notification(first.id)
+    stored = await store.notifications.get(first.id, with_deliveries=True)
     held = [d for d in stored.deliveries if d.state == "pending"]
-    assert len(held) == 1 and len(await store.tombstoned_tokens(CAL, clock.now())) == 5
+    assert len(held) == 1 and len(await store.rooms.tombstoned_tokens(CAL, clock.now())) == 5
     [kept] = held
     assert kept.attempts == 0
     assert kept.next_attempt_at == opened_at + PROBE_INTERVAL
@@ -580,7 +581,7 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     assert await worker.run_once() == 0
     assert emu.fcm.requests == attempts_before
     assert await waiting_untouched(store, second)
-    room = await store.get_room(CAL)
+    room = await store.rooms.get(CAL)
     assert kept.target.token in room.firebase_tokens and bad[6] in room.firebase_tokens
     assert len(breaker_log(caplog)) == 1
     assert await worker.next_due() == opened_at + PROBE_INTERVAL
@@ -614,14 +615,14 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     await run_until_settled(worker, store, clock)
     assert await states(store, second) == ["sent", "sent"]
     assert (await delivery(store, first, kept.target.token)).state == "sent"
-    assert await store.count_deliveries("pending") == 0
-    assert len(await store.tombstoned_tokens(CAL, clock.now())) == 5
+    assert await store.outbox.count("pending") == 0
+    assert len(await store.rooms.tombstoned_tokens(CAL, clock.now())) == 5
     assert len(breaker_log(caplog)) == 1
 
 
 async def waiting_untouched(store, notification: Notification) -> bool:
     """Every delivery of the notification is still as publishing made it."""
-    stored = await store.get_notification(notification.id)
+    stored = await store.notifications.get(notification.id, with_deliveries=True)
     return all(
         (d.state, d.attempts, d.updated_at, d.next_attempt_at, d.last_error)
         == ("pending", 0, notification.published_at, notification.published_at, None)
@@ -673,17 +674,17 @@ async def test_a_404_without_an_error_code_holds_fcm_and_drops_no_token(
     store, clock, emu, make_worker, caplog
 ):
     worker = make_worker()
-    await store.put_room(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
+    await store.rooms.put(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
     emu.fcm.fail(None, 404, count=2)  # a wrong endpoint: Google's front end, HTML
     first = await publish(store, clock, (TOKEN, TOKEN_B))
     opened_at = clock.now()
     assert await worker.run_once() == 2
     assert worker.breaker_open and worker.dropped_tokens == 0 and worker.failed == 0
-    stored = await store.get_notification(first.id)
+    stored = await store.notifications.get(first.id, with_deliveries=True)
     assert [(d.state, d.attempts) for d in stored.deliveries] == [("pending", 0)] * 2
     assert all(d.next_attempt_at == opened_at + PROBE_INTERVAL for d in stored.deliveries)
     assert all("check fcm.endpoint" in d.last_error for d in stored.deliveries)
-    assert (await store.get_room(CAL)).firebase_tokens == (TOKEN, TOKEN_B)
+    assert (await store.rooms.get(CAL)).firebase_tokens == (TOKEN, TOKEN_B)
     with pytest.raises(NotReady, match=r"FCM refused the project since .*HTTP 404"):
         await worker.check()
     opened = [r for r in caplog.records if r.getMessage() == "fcm_project_refused_hold_open"]
@@ -713,7 +714,7 @@ async def test_a_claim_survives_a_crash(clock, emu, make_worker, tmp_path, recov
     await crashed.open()
     notification = await publish(crashed, clock)
     # A worker claims the delivery and dies before recording anything.
-    [claimed] = await crashed.claim_deliveries(clock.now(), clock.now() + 95)
+    [claimed] = await crashed.outbox.claim(clock.now(), clock.now() + 95)
     await crashed.close()
 
     reopened = SqliteStore(path)
@@ -722,9 +723,9 @@ async def test_a_claim_survives_a_crash(clock, emu, make_worker, tmp_path, recov
         worker = make_worker(store=reopened)
         assert await worker.run_once() == 0  # still claimed by the dead worker
         if recovery == "release_claims":
-            assert await reopened.release_claims() == 1
+            assert await reopened.outbox.release_claims() == 1
         else:
-            assert await reopened.next_delivery_due() == claimed.lease_until
+            assert await reopened.outbox.next_due() == claimed.lease_until
             clock.set(claimed.lease_until)
         assert await worker.run_once() == 1
         sent = await delivery(reopened, notification, TOKEN)
@@ -763,8 +764,8 @@ async def test_the_worker_claims_no_more_pyfcm_attempts_than_there_are_threads(
         await emu.fcm.wait_for_attempts(tokens[1], 1)
         # The other three stay pending in the store, not claimed to wait for a thread (where
         # the attempt's guard would run out on them).
-        assert await store.count_deliveries("in_flight") == 2
-        assert await store.count_deliveries("pending") == 3
+        assert await store.outbox.count("in_flight") == 2
+        assert await store.outbox.count("pending") == 3
         emu.fcm.release()
         assert await running == 2
         await run_until_settled(worker, store, clock)
@@ -808,7 +809,7 @@ async def test_stop_leaves_an_unfinished_attempt_for_the_next_start(store, clock
     assert (await delivery(store, notification, TOKEN)).state == "in_flight"
     emu.fcm.release()  # FCM accepts the abandoned request after all
 
-    assert await store.release_claims() == 1
+    assert await store.outbox.release_claims() == 1
     again = make_worker()
     assert await again.run_once() == 1
     sent = await delivery(store, notification, TOKEN)
@@ -825,7 +826,7 @@ async def test_without_a_sender_fcm_deliveries_are_left_untouched_and_unready(
     worker = make_worker(with_sender=False, backend=backend_settings(backend))
     notification = await publish(store, clock, (TOKEN, TOKEN_B), notify=True)
     assert await worker.run_once() == 1  # the backend's
-    stored = await store.get_notification(notification.id)
+    stored = await store.notifications.get(notification.id, with_deliveries=True)
     assert sorted(d.state for d in stored.deliveries) == ["pending", "pending", "sent"]
     assert all(
         (d.updated_at, d.attempts, d.last_error) == (notification.published_at, 0, None)

@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mongomock_motor import AsyncMongoMockClient
 from tornado.netutil import bind_sockets
 
 from daemon.app import ALWAYS_PERIODIC, Service
 from daemon.clock import rfc3339
-from daemon.configfile import load_config
+from daemon.configfile import ConfigError, load_config
 from daemon.lease import LEASE_NAME, InstanceLease, InstanceRunning, LeaseLost
 from storage.mongo import MongoStore
 from storage.sqlite import SqliteStore
@@ -58,7 +59,7 @@ def store(io_loop, tmp_path) -> Iterator[SqliteStore]:
 
 
 def instance(store: SqliteStore, clock: SteppingClock, host: str, pid: int) -> InstanceLease:
-    return InstanceLease(store, SECONDS, clock, host=host, pid=pid)
+    return InstanceLease(store.meta, SECONDS, clock, host=host, pid=pid)
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -75,7 +76,7 @@ async def test_a_start_beside_a_live_holder_fails_naming_it_within_a_renewal(sto
     assert f"host web-1, pid 4242, holding it since {rfc3339(T0)}, renewed until" in message
     # Told after one look past a renewal, long before the lease would have expired.
     assert sum(clock.slept) <= 1.5 * SECONDS / 3
-    assert (await store.get_lease(LEASE_NAME)).holder == first.holder
+    assert (await store.meta.get_lease(LEASE_NAME)).holder == first.holder
     assert second.held is None
 
 
@@ -88,7 +89,7 @@ async def test_a_dead_holders_lease_is_taken_over_when_it_expires(store, caplog)
     second = instance(store, clock, "web-1", 4343)
     await second.acquire()
     assert clock.now() == T0 + SECONDS  # not a moment before the dead one's expiry
-    lease = await store.get_lease(LEASE_NAME)
+    lease = await store.meta.get_lease(LEASE_NAME)
     assert (lease.holder, lease.pid, lease.since) == (second.holder, 4343, T0 + SECONDS)
     events = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert events == [
@@ -126,7 +127,7 @@ async def test_a_renewal_after_another_took_the_lease_is_refused_and_lost(store)
         await first.renew()
     assert first.held is None
     await first.release()  # a lost lease is not ours to release
-    assert (await store.get_lease(LEASE_NAME)).holder == second.holder
+    assert (await store.meta.get_lease(LEASE_NAME)).holder == second.holder
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -149,13 +150,13 @@ async def test_with_mongodb_down_at_start_the_work_waits_for_the_lease(tmp_path)
         assert body["checks"]["storage"] == "the instance lease is not held yet: no work is done"
 
         await service.keep_lease()  # the lease task's next run: the database answers now
-        assert (await store.get_lease(LEASE_NAME)).holder == service.instance_lease.holder
+        assert (await store.meta.get_lease(LEASE_NAME)).holder == service.instance_lease.holder
         assert all(callback.is_running() for callback in service.periodic.values())
         _, body = await call(service, "GET", "/readyz", key=None)
         assert body["checks"]["storage"] == "ok"
     finally:
         await service.stop()
-    assert await store.get_lease(LEASE_NAME) is None  # released at the stop
+    assert await store.meta.get_lease(LEASE_NAME) is None  # released at the stop
 
 
 # -- serve as real processes -------------------------------------------------------------------
@@ -272,3 +273,15 @@ async def test_a_serve_whose_lease_was_taken_meanwhile_stops_and_exits_1(serve, 
     # The other one keeps the lease and runs on.
     assert stored_lease(database) == (os.uname().nodename, pid_of(other))
     await other.terminate()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_mongodb_schema_newer_than_this_release_stops_the_start(tmp_path):
+    client = AsyncMongoMockClient()
+    await client["site"]["meta"].insert_one({"_id": "schema", "version": 99})
+    store = MongoStore("mongodb://h/site", client=client)
+    service = Service(load_config(str(write_config(tmp_path)), environ={}), store=store)
+    with pytest.raises(ConfigError, match="schema version 99, newer than this") as raised:
+        await service.start(bind_sockets(0, "127.0.0.1"))
+    assert raised.value.key == "storage.url"  # `serve` exits 2, naming the key
+    assert await client["site"]["leases"].find_one({}) is None  # no lease was taken

@@ -36,7 +36,7 @@ async def legacy(service, method: str, path: str, body=None, **kwargs):
 
 
 async def tokens_of(service, calendar_id: str) -> list[str]:
-    room = await service.store.get_room(calendar_id)
+    room = await service.store.rooms.get(calendar_id)
     assert room is not None
     return list(room.firebase_tokens)
 
@@ -74,7 +74,7 @@ async def test_every_legacy_route_refuses_an_unknown_caller_and_logs_it(
     status, _ = await call(service, "PUT", "/v1/rooms/" + quote(ROOM), {"firebase_tokens": []})
     assert status == 201
     await emulator.google.drain()
-    before = (await service.store.list_rooms(), await service.store.list_channels())
+    before = (await service.store.rooms.list(), await service.store.channels.list())
     google_calls = len(emulator.google.calls)
     for method, path, body in EVERY_ROUTE:
         for key in (None, "not-the-key"):
@@ -87,7 +87,7 @@ async def test_every_legacy_route_refuses_an_unknown_caller_and_logs_it(
             assert line["route"] == path.partition("?")[0]
             assert line["remote"] == "127.0.0.1"
             assert TOKEN_A not in json.dumps(line)  # the path only, never the query string
-    assert (await service.store.list_rooms(), await service.store.list_channels()) == before
+    assert (await service.store.rooms.list(), await service.store.channels.list()) == before
     assert len(emulator.google.calls) == google_calls
     assert backend.requests == []
 
@@ -131,7 +131,7 @@ async def test_an_address_outside_the_allowed_cidrs_is_refused(
     status, _ = await legacy(service, "GET", "/add_room" + query(calendar_id=ROOM))
     assert status == 401
     assert len(refused_lines(caplog)) == 1
-    assert await service.store.list_rooms() == []
+    assert await service.store.rooms.list() == []
 
 
 # -- /add_room -------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ async def test_add_room_adds_the_token_to_the_set(make_service, emulator, clock)
     assert await tokens_of(service, ROOM) == [TOKEN_A, TOKEN_B]
     # One room, one channel, whatever the number of calls.
     assert third["room"]["channel"]["id"] == first["room"]["channel"]["id"]
-    assert len(await service.store.list_channels(ROOM)) == 1
+    assert len(await service.store.channels.list(ROOM)) == 1
     await emulator.google.drain()
 
 
@@ -182,11 +182,11 @@ async def test_add_room_clears_a_tombstone(make_service, emulator, clock):
     service = await make_service(LOOPBACK, clock=clock, emulator=emulator)
     await legacy(service, "GET", "/add_room" + query(calendar_id=ROOM, firebase_token=TOKEN_A))
     now = clock.now()
-    await service.store.tombstone_token(ROOM, TOKEN_A, now + 86400, now)
+    await service.store.rooms.tombstone_token(ROOM, TOKEN_A, now + 86400, now)
     assert await tokens_of(service, ROOM) == []
     await legacy(service, "GET", "/add_room" + query(calendar_id=ROOM, firebase_token=TOKEN_A))
     assert await tokens_of(service, ROOM) == [TOKEN_A]
-    assert await service.store.tombstoned_tokens(ROOM, clock.now()) == set()
+    assert await service.store.rooms.tombstoned_tokens(ROOM, clock.now()) == set()
     await emulator.google.drain()
 
 
@@ -211,8 +211,8 @@ async def test_bad_calendar_ids_are_400_and_store_nothing(make_service, emulator
         status, answer = await legacy(service, method, path, body)
         assert status == 400, (method, path, body, answer)
         assert answer["error"]["code"] == "invalid_calendar_id"
-    assert await service.store.list_rooms() == []
-    assert await service.store.list_channels() == []
+    assert await service.store.rooms.list() == []
+    assert await service.store.channels.list() == []
     assert emulator.google.calls == []
 
 
@@ -226,7 +226,7 @@ async def test_a_bad_token_on_add_room_stores_nothing(make_service, emulator, cl
         status, answer = await legacy(service, "POST", "/add_room", params)
         assert status == 400, answer
         assert answer["error"]["code"] == "invalid_token"
-    assert await service.store.list_rooms() == []
+    assert await service.store.rooms.list() == []
     assert emulator.google.calls == []
 
 
@@ -236,7 +236,7 @@ async def test_a_body_that_is_not_json_is_400(make_service, emulator, clock):
     status, answer = await legacy(service, "POST", "/add_room", raw=b"calendar_id=x")
     assert status == 400
     assert answer["error"]["code"] == "invalid_json"
-    assert await service.store.list_rooms() == []
+    assert await service.store.rooms.list() == []
 
 
 # -- /delete_room ----------------------------------------------------------------------------
@@ -254,8 +254,8 @@ async def test_delete_room_forgets_it_and_stops_its_channel(make_service, emulat
         status, answer = await legacy(service, "DELETE", "/delete_room", {"calendar_id": ROOM})
     assert status == 200
     assert answer == {"message": DELETED}
-    assert await service.store.get_room(ROOM) is None
-    assert await service.store.list_channels(ROOM) == []
+    assert await service.store.rooms.get(ROOM) is None
+    assert await service.store.channels.list(ROOM) == []
     await settle(service, emulator)
     [google_side] = emulator.google.channels(ROOM)
     assert google_side["id"] == channel_id and google_side["state"] == "stopped"
@@ -272,7 +272,7 @@ async def test_delete_room_answers_only_delete(make_service, emulator, clock):
     status, answer = await legacy(service, "GET", "/delete_room" + query(calendar_id=ROOM))
     assert status == 405
     assert answer["error"]["status"] == 405
-    assert await service.store.get_room(ROOM) is not None
+    assert await service.store.rooms.get(ROOM) is not None
     await emulator.google.drain()
 
 
@@ -286,7 +286,7 @@ async def test_token_makes_the_set_exactly_that_token(make_service, emulator, cl
         service, "PUT", "/v1/rooms/" + quote(ROOM), {"firebase_tokens": [TOKEN_A, TOKEN_B]}
     )
     assert status == 201
-    [channel] = await service.store.list_channels(ROOM)
+    [channel] = await service.store.channels.list(ROOM)
     status, answer = await legacy(
         service, "GET", "/token" + query(calendar_id=ROOM, firebase_token=TOKEN_C)
     )
@@ -301,7 +301,7 @@ async def test_token_makes_the_set_exactly_that_token(make_service, emulator, cl
     assert status == 200 and answer["message"] == "OK"
     assert await tokens_of(service, ROOM) == [TOKEN_A]
     # The channel is the room's, not the token's: it stays.
-    assert await service.store.list_channels(ROOM) == [await service.store.get_channel(channel.id)]
+    assert await service.store.channels.list(ROOM) == [await service.store.channels.get(channel.id)]
     await emulator.google.drain()
 
 
@@ -315,7 +315,7 @@ async def test_token_for_an_unknown_room_is_404_and_creates_nothing(make_service
         status, answer = await legacy(service, method, path, body)
         assert status == 404
         assert answer["error"]["code"] == "room_not_found"
-    assert await service.store.list_rooms() == []
+    assert await service.store.rooms.list() == []
     assert emulator.google.calls == []
 
 
@@ -379,10 +379,10 @@ async def test_refresh_flags_from_the_query_string_or_a_json_body(
         status, answer = await legacy(service, method, path, body)
         assert status == 200, answer
         assert (answer["added"], answer["removed"]) == (1, 1)
-        assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM]
+        assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM]
     status, answer = await legacy(service, "POST", "/refresh", {"allow_prune": True})
     assert (answer["added"], answer["removed"]) == (1, 1)
-    assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM_2]
+    assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_2]
     await settle(service, emulator)
 
 
@@ -429,7 +429,7 @@ async def test_post_channels_renews_every_channel(make_service, emulator, clock)
     await legacy(service, "POST", "/add_room", {"calendar_id": ROOM})
     await legacy(service, "POST", "/add_room", {"calendar_id": ROOM_2})
     await emulator.google.drain()
-    before = {c.calendar_id: c.id for c in await service.store.list_channels()}
+    before = {c.calendar_id: c.id for c in await service.store.channels.list()}
     status, answer = await legacy(service, "POST", "/channels")
     assert status == 200, answer
     assert answer == {"renewed": 2, "failed": []}

@@ -88,7 +88,7 @@ async def run_everything(service, emulator, backend, tmp_path) -> None:
     assert (await call(service, "GET", "/refresh"))[0] == 200  # the backend, with its token
     await emulator.google.drain()
     # Webhooks: the emulator's own (right token), then a wrong token and a wrong resource id.
-    [channel] = await service.store.list_channels(ROOM_A)
+    [channel] = await service.store.channels.list(ROOM_A)
     emulator.fcm.set_state(TABLETS[1], "unregistered")
     emulator.google.insert_event(ROOM_A, summary="Standup")
     await emulator.fcm.wait_for(TABLETS[0], 1, 10)
@@ -151,7 +151,7 @@ async def test_no_log_line_holds_a_whole_secret(
     await run_everything(service, emulator, backend, tmp_path)
     key = json.loads((tmp_path / "service-account.json").read_text())
     pem_lines = [line for line in key["private_key"].splitlines() if "-----" not in line]
-    channel_tokens = [c.token for c in await service.store.list_channels()]
+    channel_tokens = [c.token for c in await service.store.channels.list()]
     assert channel_tokens
     secrets = {
         "api key": [API_KEY],

@@ -190,7 +190,7 @@ async def test_metrics_and_their_catalogue_agree(make_service, emulator, clock):
     assert value(families, "mrm_push_rooms_without_channel") == 0
     assert value(families, "mrm_push_unsynced_notifications") == 0
     assert value(families, "mrm_push_stop_queue") == 0
-    [channel] = await service.store.list_channels(ROOM)
+    [channel] = await service.store.channels.list(ROOM)
     assert channel.expiration is not None
     expiry = value(families, "mrm_push_channel_expiry_seconds")
     assert expiry == pytest.approx(channel.expiration - clock.now())
@@ -339,17 +339,17 @@ async def test_the_store_gauges_count_the_store(make_service, clock):
     for n in range(3):
         status, _ = await call(service, "PUT", f"/v1/rooms/cal-{n}", {"firebase_tokens": ["t"]})
         assert status == 201
-    published = await store.publish_notification(
-        (await store.add_notification("cal-0", "poll", "exists", now)).id,
+    published = await store.notifications.publish(
+        (await store.notifications.add("cal-0", "poll", "exists", now)).id,
         [],
         False,
         [Target("fcm", "t"), Target("backend")],
         now,
     )
-    await store.add_notification("cal-1", "poll", "exists", now)
-    await store.enqueue_stop("ch-old", "res-old", "cal-0", now)
+    await store.notifications.add("cal-1", "poll", "exists", now)
+    await store.channels.enqueue_stop("ch-old", "res-old", "cal-0", now)
     [fcm] = [d for d in published.deliveries if d.target.kind == "fcm"]
-    await store.finish_delivery(fcm.id, "failed", now, last_error="INVALID_ARGUMENT")
+    await store.outbox.finish(fcm.id, "failed", now, last_error="INVALID_ARGUMENT")
     await service.refresh_metrics()
     _, families = await scrape(service)
     assert value(families, "mrm_push_deliveries", state="failed", target="fcm") == 1
@@ -375,7 +375,7 @@ async def test_a_failing_store_keeps_the_last_counts_and_makes_ready_0(
 
     service.readiness_checks["google"] = fine
     service.readiness_checks["fcm"] = fine
-    await service.store.put_room("cal-1", "R", [], clock.now())
+    await service.store.rooms.put("cal-1", "R", [], clock.now())
     await service.refresh_metrics()
     _, families = await scrape(service)
     assert value(families, "mrm_push_ready") == 1
@@ -384,8 +384,8 @@ async def test_a_failing_store_keeps_the_last_counts_and_makes_ready_0(
     async def down(*args: Any) -> Any:
         raise StoreUnavailable("connection refused by 127.0.0.1:27017")
 
-    monkeypatch.setattr(service.store, "channel_counts", down)
-    await service.store.put_room("cal-2", "R", [], clock.now())
+    monkeypatch.setattr(service.store.channels, "count_by_state", down)
+    await service.store.rooms.put("cal-2", "R", [], clock.now())
     caplog.set_level(logging.INFO, logger="daemon.store_gauges")
     for _ in range(2):
         await service.refresh_metrics()
@@ -403,7 +403,7 @@ async def test_a_failing_store_keeps_the_last_counts_and_makes_ready_0(
         await never.wait()
 
     monkeypatch.setattr(store_gauges, "COUNT_TIMEOUT", 0.05)
-    monkeypatch.setattr(service.store, "channel_counts", hangs)
+    monkeypatch.setattr(service.store.channels, "count_by_state", hangs)
     await service.refresh_metrics()
     _, families = await scrape(service)
     assert value(families, "mrm_push_ready") == 0

@@ -72,7 +72,7 @@ async def test_an_unregistered_tablet_leaves_the_room(make_service, emulator, cl
     await service.delivery.drain(5)
     _, room = await call(service, "GET", PATH + "?full=1")
     assert room["firebase_tokens"] == [TABLET]
-    assert await service.store.tombstoned_tokens(ROOM, clock.now()) == {OTHER_TABLET}
+    assert await service.store.rooms.tombstoned_tokens(ROOM, clock.now()) == {OTHER_TABLET}
     _, page = await call(service, "GET", "/v1/notifications")
     states = {d["token"]: d["state"] for d in page["notifications"][0]["deliveries"]}
     assert states == {TABLET[-8:]: "sent", OTHER_TABLET[-8:]: "failed"} or states == {
@@ -100,7 +100,7 @@ async def test_notifications_page_limits_and_unpublished(make_service, emulator,
         status, body = await call(service, "GET", "/v1/notifications?" + bad)
         assert status == 400 and body["error"]["status"] == 400, bad
     # A webhook whose sync finds nothing new is kept, unpublished, for operators only.
-    [channel] = await service.store.list_channels(ROOM)
+    [channel] = await service.store.channels.list(ROOM)
     headers = {
         "X-Goog-Channel-ID": channel.id,
         "X-Goog-Message-Number": str(channel.last_message_number + 1000),
@@ -149,7 +149,7 @@ async def test_retention_purges_old_notifications(make_service, emulator, clock)
     assert await service.purge() == 0  # not old yet
     clock.advance(3 * 86400)
     assert await service.purge() == 1
-    assert await service.store.purged_through_seq() == 1
+    assert await service.store.notifications.purged_through_seq() == 1
     _, page = await call(service, "GET", "/v1/notifications")
     assert page["notifications"] == []
 
@@ -181,8 +181,8 @@ async def test_fcm_refusing_the_project_holds_deliveries_until_a_probe_gets_thro
     held = deliveries_of(page)
     assert [(d["state"], d["attempts"]) for d in held] == [("pending", 0), ("pending", 0)]
     assert all(d["last_error"].startswith("held: FCM refused the project") for d in held)
-    assert await service.store.get_room(ROOM) is not None
-    assert len((await service.store.get_room(ROOM)).firebase_tokens) == 2  # none dropped
+    assert await service.store.rooms.get(ROOM) is not None
+    assert len((await service.store.rooms.get(ROOM)).firebase_tokens) == 2  # none dropped
     status, ready = await call(service, "GET", "/readyz", key=None)
     assert status == 503 and ready["checks"]["storage"] == "ok"
     fcm = ready["checks"]["fcm"]
@@ -221,7 +221,7 @@ async def test_without_fcm_configured_no_fcm_delivery_is_made(
     _, page = await call(service, "GET", "/v1/notifications")
     [notification] = page["notifications"]
     assert notification["seq"] == 1 and notification["deliveries"] == []
-    assert await service.store.count_deliveries() == 0
+    assert await service.store.outbox.count() == 0
     said = [r for r in caplog.records if r.getMessage() == "fcm_not_configured"]
     assert len(said) == 1 and "no FCM deliveries are made" in said[0].reason
 
@@ -235,8 +235,8 @@ async def test_fcm_deliveries_left_by_an_older_version_expire_by_retention(
     service = await make_service(
         {**NO_FCM, "storage": {"retention_days": 2}}, clock=clock, emulator=emulator
     )
-    received = await service.store.add_notification(ROOM, "poll", "exists", clock.now())
-    await service.store.publish_notification(
+    received = await service.store.notifications.add(ROOM, "poll", "exists", clock.now())
+    await service.store.notifications.publish(
         received.id, [{"event_id": "ev1"}], False, [Target("fcm", TABLET)], clock.now()
     )
     service.delivery.wake()
@@ -253,7 +253,7 @@ async def test_fcm_deliveries_left_by_an_older_version_expire_by_retention(
     clock.advance(1)
     assert await service.purge() == 1
     assert (await call(service, "GET", "/v1/notifications"))[1]["notifications"] == []
-    assert await service.store.count_deliveries() == 0
+    assert await service.store.outbox.count() == 0
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -133,13 +133,13 @@ async def failed_deliveries(service) -> list[int]:
     await call(service, "PUT", "/v1/rooms/" + quote(ROOM), {"firebase_tokens": [TABLET]})
     ids = []
     for summary in ("Standup", "Retro"):
-        received = await store.add_notification(ROOM, "poll", "exists", now)
+        received = await store.notifications.add(ROOM, "poll", "exists", now)
         change = {"event_id": f"ev-{received.id}", "status": "confirmed", "summary": summary}
-        published = await store.publish_notification(
+        published = await store.notifications.publish(
             received.id, [change], False, [Target("fcm", TABLET)], now
         )
         for delivery in published.deliveries:
-            await store.finish_delivery(delivery.id, "failed", now, attempts=8, last_error="gone")
+            await store.outbox.finish(delivery.id, "failed", now, attempts=8, last_error="gone")
             ids.append(delivery.id)
     return ids
 

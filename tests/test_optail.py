@@ -30,9 +30,9 @@ SUBSCRIBERS = {
 async def publish(service, calendar_id: str, summary: str) -> Notification:
     """A notification published in the store and announced, as a sync does."""
     store, now = service.store, service.clock.now()
-    received = await store.add_notification(calendar_id, "poll", "exists", received_at=now)
+    received = await store.notifications.add(calendar_id, "poll", "exists", received_at=now)
     change = {"event_id": f"ev-{received.id}", "status": "confirmed", "summary": summary}
-    published = await store.publish_notification(received.id, [change], False, [], now)
+    published = await store.notifications.publish(received.id, [change], False, [], now)
     for listener in service.publication_listeners:
         listener(published)
     return published

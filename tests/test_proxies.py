@@ -124,7 +124,7 @@ async def test_spoofed_headers_do_not_pass_legacy_allow_from(make_service, caplo
         {"X-Forwarded-For": ALLOWED, "X-Real-Ip": ALLOWED, "X-Forwarded-Proto": "https"},
     ):
         assert await legacy_status(service, headers) == 401, headers
-    assert await service.store.list_rooms() == []
+    assert await service.store.rooms.list() == []
     refused = [r for r in caplog.records if r.getMessage() == "legacy_call_refused"]
     assert len(refused) == 3 and {r.remote for r in refused} == {"127.0.0.1"}
     lines = access_lines(caplog, "/add_room")

@@ -98,19 +98,19 @@ async def snapshot(service, emulator) -> tuple[Any, ...]:
     """Everything a refresh could change: rooms, tokens, tombstones, channels, stops, and the
     calls made to Google."""
     store = service.store
-    rooms = await store.list_rooms()
+    rooms = await store.rooms.list()
     now = service.clock.now()
     return (
         rooms,
-        [await store.tombstoned_tokens(r.calendar_id, now) for r in rooms],
-        await store.list_channels(),
-        await store.list_stops(),
+        [await store.rooms.tombstoned_tokens(r.calendar_id, now) for r in rooms],
+        await store.channels.list(),
+        await store.channels.list_stops(),
         list(emulator.google.calls),
     )
 
 
 async def tokens_of(service, calendar_id: str) -> list[str]:
-    room = await service.store.get_room(calendar_id)
+    room = await service.store.rooms.get(calendar_id)
     assert room is not None
     return list(room.firebase_tokens)
 
@@ -139,12 +139,12 @@ async def test_refresh_asks_with_the_token_and_query_then_adds_the_room(
     assert request["content_type"].startswith("application/json")
     assert request["body"] == {"query": DEFAULT_ROOMS_QUERY}
     assert await tokens_of(service, ROOM_A) == [TOKEN_A]
-    [channel] = await service.store.list_channels(ROOM_A)
+    [channel] = await service.store.channels.list(ROOM_A)
     assert channel.state == "active"
     await emulator.google.drain()
     [google_side] = emulator.google.channels(ROOM_A)
     assert google_side["id"] == channel.id and google_side["state"] == "live"
-    assert (await service.store.get_channel(channel.id)).confirmed
+    assert (await service.store.channels.get(channel.id)).confirmed
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -155,11 +155,11 @@ async def test_a_second_refresh_changes_nothing_and_keeps_the_channel(
     backend.rooms((ROOM_A, TOKEN_A), (ROOM_B, None))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(added=2)
     await emulator.google.drain()
-    before = await service.store.list_channels()
+    before = await service.store.channels.list()
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
     assert answer == summary(unchanged=2)
-    assert await service.store.list_channels() == before
+    assert await service.store.channels.list() == before
     assert [m for m, _, _ in emulator.google.calls].count("watch") == 2
 
 
@@ -204,7 +204,7 @@ async def test_several_rows_for_one_calendar_make_one_room_with_every_tablet(
     assert status == 200
     assert answer == summary(added=1)
     assert await tokens_of(service, ROOM_A) == [TOKEN_A, TOKEN_B]
-    assert len(await service.store.list_channels(ROOM_A)) == 1
+    assert len(await service.store.channels.list(ROOM_A)) == 1
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -227,7 +227,7 @@ async def test_a_null_calendar_id_goes_to_failed(make_service, emulator, clock, 
     assert answer == summary(
         added=1, failed=[{"calendar_id": None, "reason": "calendarId is null"}]
     )
-    assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM_A]
+    assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_A]
     assert await tokens_of(service, ROOM_A) == [TOKEN_B]
 
 
@@ -245,7 +245,7 @@ async def test_invalid_calendar_ids_and_tokens_go_to_failed_and_are_not_stored(
     assert set(failed) == {"", bad_id, "x" * 1025, ROOM_A}
     assert failed[bad_id] == "invalid calendarId"
     assert "firebaseToken" in failed[ROOM_A]
-    assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM_A]
+    assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_A]
     assert await tokens_of(service, ROOM_A) == []
 
 
@@ -266,7 +266,7 @@ async def test_a_tombstoned_token_is_not_brought_back(make_service, emulator, cl
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
     await put_room(service, ROOM_A, [TOKEN_A, TOKEN_B])
     now = clock.now()
-    assert await service.store.tombstone_token(ROOM_A, TOKEN_B, now + 30 * 86400, now)
+    assert await service.store.rooms.tombstone_token(ROOM_A, TOKEN_B, now + 30 * 86400, now)
     backend.rooms((ROOM_A, TOKEN_A), (ROOM_A, TOKEN_B), (ROOM_A, TOKEN_C))
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
@@ -295,7 +295,7 @@ async def test_dry_run_reports_and_changes_nothing(make_service, emulator, clock
     # The real run does what the dry run said.
     status, answer = await call(service, "POST", "/v1/refresh?allow_prune=1")
     assert answer == summary(added=1, updated=1, removed=1)
-    assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM_A, ROOM_C]
+    assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_A, ROOM_C]
     assert await tokens_of(service, ROOM_A) == [TOKEN_A, TOKEN_B]
 
 
@@ -306,19 +306,19 @@ async def test_rooms_the_backend_dropped_are_kept_unless_prune_is_asked(
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
     await put_room(service, ROOM_A, [TOKEN_A])
     await put_room(service, ROOM_B, [TOKEN_B])
-    [old_b] = await service.store.list_channels(ROOM_B)
+    [old_b] = await service.store.channels.list(ROOM_B)
     backend.rooms((ROOM_A, TOKEN_A))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(unchanged=1)
-    assert await service.store.get_room(ROOM_B) is not None
+    assert await service.store.rooms.get(ROOM_B) is not None
     status, answer = await call(service, "POST", "/v1/refresh?allow_prune=1")
     assert status == 200
     assert answer == summary(unchanged=1, removed=1)
-    assert await service.store.get_room(ROOM_B) is None
-    assert await service.store.list_channels(ROOM_B) == []
+    assert await service.store.rooms.get(ROOM_B) is None
+    assert await service.store.channels.list(ROOM_B) == []
     await settle(service, emulator)
     [google_side] = emulator.google.channels(ROOM_B)
     assert google_side["id"] == old_b.id and google_side["state"] == "stopped"
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -330,12 +330,12 @@ async def test_backend_prune_true_prunes_every_refresh(make_service, emulator, c
     await put_room(service, ROOM_B, [])
     backend.rooms((ROOM_A, None))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(unchanged=1, removed=1)
-    assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM_A]
+    assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_A]
     # The periodic path (no arguments) follows the config too.
     await put_room(service, ROOM_C, [])
     result = await service.refresher.refresh()
     assert result.as_json() == summary(unchanged=1, removed=1)
-    assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM_A]
+    assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_A]
     await settle(service, emulator)
 
 
@@ -368,7 +368,7 @@ async def test_errors_beside_data_add_but_never_prune(make_service, emulator, cl
     assert status == 200, answer
     failed = [{"calendar_id": None, "reason": "backend GraphQL error: floor 2 failed to load"}]
     assert answer == summary(added=1, updated=1, failed=failed)
-    assert [r.calendar_id for r in await service.store.list_rooms()] == [ROOM_A, ROOM_B, ROOM_C]
+    assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_A, ROOM_B, ROOM_C]
     assert await tokens_of(service, ROOM_A) == [TOKEN_A]
 
 
@@ -433,17 +433,17 @@ async def test_a_failed_channel_is_retried_by_refresh(make_service, emulator, cl
     # Still failing: reported again, and failed channels do not pile up.
     _, answer = await call(service, "POST", "/v1/refresh")
     assert answer["unchanged"] == 2 and [f["calendar_id"] for f in answer["failed"]] == [ROOM_A]
-    [channel] = await service.store.list_channels(ROOM_A)
+    [channel] = await service.store.channels.list(ROOM_A)
     assert channel.state == "failed"
     # Google accepts the watch now: the next refresh makes a working channel.
     _, answer = await call(service, "POST", "/v1/refresh")
     assert answer == summary(unchanged=2)
-    [channel] = await service.store.list_channels(ROOM_A)
+    [channel] = await service.store.channels.list(ROOM_A)
     assert channel.state == "active" and channel.last_error is None
     await emulator.google.drain()
     live = [c for c in emulator.google.channels(ROOM_A) if c["state"] == "live"]
     assert [c["id"] for c in live] == [channel.id]
-    assert (await service.store.get_channel(channel.id)).confirmed
+    assert (await service.store.channels.get(channel.id)).confirmed
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -498,7 +498,7 @@ async def test_refresh_needs_the_api_key(make_service, emulator, clock, backend)
         assert status == 401
         assert answer["error"]["code"] == "unauthorized"
     assert backend.requests == []
-    assert await service.store.list_rooms() == []
+    assert await service.store.rooms.list() == []
     status, _ = await call(service, "POST", "/v1/refresh", key=None, headers={"X-Api-Key": API_KEY})
     assert status == 200
 

@@ -33,11 +33,11 @@ async def first_channel(service, emulator) -> str:
 
 
 async def states(service) -> dict[str, str]:
-    return {c.id: c.state for c in await service.store.list_channels(ROOM)}
+    return {c.id: c.state for c in await service.store.channels.list(ROOM)}
 
 
 async def stored(service, channel_id: str) -> Channel:
-    channel = await service.store.get_channel(channel_id)
+    channel = await service.store.channels.get(channel_id)
     assert channel is not None
     return channel
 
@@ -49,7 +49,7 @@ async def assert_renewed_once_more(service, emulator, old_ids: set[str]) -> None
     assert (summary.renewed, summary.failed) == (1, [])
     await settle(service, emulator)
     await service.channels.process_stops()
-    [channel] = await service.store.list_channels(ROOM)
+    [channel] = await service.store.channels.list(ROOM)
     assert channel.id not in old_ids
     assert channel.state == "active" and channel.confirmed
     assert [c["id"] for c in google_channels(emulator, "live")] == [channel.id]
@@ -140,7 +140,7 @@ async def test_a_retiring_channel_left_without_a_successor_is_renewed(
     service = await make_service(clock=clock, emulator=emulator)
     old_id = await first_channel(service, emulator)
     # As if the process died between retiring the channel and storing its successor.
-    await service.store.update_channel(old_id, clock.now(), state="retiring")
+    await service.store.channels.update(old_id, clock.now(), state="retiring")
     clock.advance(8 * DAY)
     await assert_renewed_once_more(service, emulator, {old_id})
 
@@ -153,7 +153,7 @@ async def test_a_room_left_without_any_channel_gets_one_at_the_next_check(
     old_id = await first_channel(service, emulator)
     # Its channel expired and was forgotten (say, stopped at expiry by an older mrm-push).
     clock.advance(8 * DAY)
-    await service.store.delete_channel(old_id)
+    await service.store.channels.delete(old_id)
     await assert_renewed_once_more(service, emulator, {old_id})
 
 
@@ -195,7 +195,7 @@ async def test_renew_now_waits_for_the_periodic_renewal_of_the_same_calendar(
     assert (now_summary.renewed, now_summary.failed) == (1, [])
     await settle(service, emulator)
     await service.channels.process_stops()
-    [channel] = await service.store.list_channels(ROOM)
+    [channel] = await service.store.channels.list(ROOM)
     assert channel.state == "active" and channel.confirmed and channel.id != old_id
     assert [c["id"] for c in google_channels(emulator, "live")] == [channel.id]
     assert len(google_channels(emulator, "stopped")) == 2

@@ -32,11 +32,11 @@ async def test_put_makes_an_active_confirmed_channel(make_service, emulator, clo
     assert "token" not in shown
     [google_side] = emulator.google.channels(ROOM)
     assert google_side["id"] == channel["id"]
-    assert await service.store.get_sync_token(ROOM) is not None
+    assert await service.store.channels.get_sync_token(ROOM) is not None
 
 
 async def nothing_stored(service) -> bool:
-    return await service.store.list_rooms() == [] and await service.store.list_channels() == []
+    return await service.store.rooms.list() == [] and await service.store.channels.list() == []
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -187,23 +187,23 @@ async def test_an_explicit_add_clears_a_tombstone(make_service, emulator, clock)
     service = await make_service(clock=clock, emulator=emulator)
     await call(service, "PUT", PATH, {"firebase_tokens": [TOKEN_A, TOKEN_B]})
     now = clock.now()
-    assert await service.store.tombstone_token(ROOM, TOKEN_A, now + 30 * 86400, now)
-    assert await service.store.tombstoned_tokens(ROOM, now) == {TOKEN_A}
+    assert await service.store.rooms.tombstone_token(ROOM, TOKEN_A, now + 30 * 86400, now)
+    assert await service.store.rooms.tombstoned_tokens(ROOM, now) == {TOKEN_A}
     _, room = await call(service, "POST", f"{PATH}/tokens/{TOKEN_A}?full=1")
     assert TOKEN_A in room["firebase_tokens"]
-    assert await service.store.tombstoned_tokens(ROOM, now) == set()
-    await service.store.tombstone_token(ROOM, TOKEN_B, now + 30 * 86400, now)
+    assert await service.store.rooms.tombstoned_tokens(ROOM, now) == set()
+    await service.store.rooms.tombstone_token(ROOM, TOKEN_B, now + 30 * 86400, now)
     await call(service, "PUT", PATH, {"firebase_tokens": [TOKEN_B]})
-    assert await service.store.tombstoned_tokens(ROOM, now) == set()
+    assert await service.store.rooms.tombstoned_tokens(ROOM, now) == set()
 
 
 async def publish_for_room(service, clock) -> int:
     """A change published for ROOM the way the syncer does it (one delivery per token); the
     worker is woken. Returns the notification id."""
-    room = await service.store.get_room(ROOM)
-    received = await service.store.add_notification(ROOM, "poll", "exists", clock.now())
+    room = await service.store.rooms.get(ROOM)
+    received = await service.store.notifications.add(ROOM, "poll", "exists", clock.now())
     targets = [Target("fcm", token) for token in room.firebase_tokens]
-    await service.store.publish_notification(
+    await service.store.notifications.publish(
         received.id, [{"event_id": "ev1"}], False, targets, clock.now()
     )
     service.delivery.wake()
@@ -225,7 +225,9 @@ async def test_a_token_that_leaves_the_room_takes_its_pending_deliveries(
     await service.delivery.drain(5)
     by_token = {
         d.target.token: d
-        for d in (await service.store.get_notification(notification_id)).deliveries
+        for d in (
+            await service.store.notifications.get(notification_id, with_deliveries=True)
+        ).deliveries
     }
     assert (by_token[TOKEN_A].state, by_token[TOKEN_A].attempts) == ("pending", 1)
     assert by_token[TOKEN_B].state == "sent"
@@ -240,7 +242,9 @@ async def test_a_token_that_leaves_the_room_takes_its_pending_deliveries(
 
     by_token = {
         d.target.token: d
-        for d in (await service.store.get_notification(notification_id)).deliveries
+        for d in (
+            await service.store.notifications.get(notification_id, with_deliveries=True)
+        ).deliveries
     }
     assert by_token[TOKEN_A].state == "cancelled"
     assert by_token[TOKEN_B].state == "sent"

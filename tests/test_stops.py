@@ -40,12 +40,12 @@ async def test_an_unknown_id_gets_one_stop_even_after_it_ran(make_service, emula
     await hook(service, unknown("gone-1"))
     await service.channels.drain(5)
     assert stop_calls(emulator) == [404]  # Google never had it: counts as stopped
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
     # Google (or anyone) sends on it again, days later: nothing more is queued or sent.
     clock.advance(WEEK - 60)
     await hook(service, unknown("gone-1", 8))
     await service.channels.drain(5)
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
     assert stop_calls(emulator) == [404]
     # After google.channel_ttl the id is forgotten: Google's channel has expired by then.
     clock.advance(120)
@@ -66,7 +66,7 @@ async def test_a_stopped_renewed_channel_sending_late_queues_nothing(make_servic
     assert stop_calls(emulator) == [200]
     await hook(service, {**unknown(old["id"], 5), "X-Goog-Resource-ID": old["resource_id"]})
     await service.channels.drain(5)
-    assert stop_calls(emulator) == [200] and await service.store.list_stops() == []
+    assert stop_calls(emulator) == [200] and await service.store.channels.list_stops() == []
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -79,18 +79,18 @@ async def test_a_failing_stop_is_dropped_after_max_retries(make_service, emulato
     await call(service, "DELETE", PATH)
     await service.channels.drain(5)  # the first attempt
     for attempts in (1, 2):
-        [stop] = await service.store.list_stops()
+        [stop] = await service.store.channels.list_stops()
         assert stop.attempts == attempts
         clock.advance(3 * 3600)
         await service.channels.process_stops()
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
     assert stop_calls(emulator) == [503, 503, 503]  # the first try and max_retries more
     [dropped] = [r for r in caplog.records if r.getMessage() == "channel_stop_dropped"]
     assert dropped.levelno == logging.WARNING and "503" in dropped.reason
     # Given up, but remembered: Google's next message on it queues nothing.
     [channel] = emulator.google.channels(ROOM)
     await hook(service, {**unknown(channel["id"], 9), "X-Goog-Resource-ID": channel["resource_id"]})
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -102,7 +102,7 @@ async def test_a_full_queue_warns_once_a_minute(make_service, emulator, clock, c
     for number in range(6):
         await hook(service, unknown(f"made-up-{number}"))
     await service.channels.drain(5)
-    assert await service.store.count_stops() == 2
+    assert await service.store.channels.count_stops() == 2
     full = [r for r in caplog.records if r.getMessage() == "stop_queue_full"]
     assert len(full) == 1 and full[0].levelno == logging.WARNING
     clock.advance(61)
@@ -121,17 +121,17 @@ async def test_the_unknown_channel_check_reads_no_queue(make_service, emulator, 
     listed: list[str] = []
     store = service.store
     for name in ("due_stops", "list_stops"):
-        real = getattr(store, name)
+        real = getattr(store.channels, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             listed.append(_name)
             return _real(*args, **kwargs)
 
-        setattr(store, name, spy)
+        setattr(store.channels, name, spy)
     for number in range(3):
         await hook(service, unknown(f"made-up-{number}"))
     service.channels.stops.max_queued = 3
     await hook(service, unknown("made-up-full"))
     await service.channels.drain(5)
     assert listed == []
-    assert await store.count_stops() == 3
+    assert await store.channels.count_stops() == 3

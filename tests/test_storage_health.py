@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from storage.sqlite_health import WAL_SIZE_LIMIT
+from storage.sqlite.connection import WAL_SIZE_LIMIT
 from tests.fixtures import call, make_service  # noqa: F401  (fixture)
 
 ROOM = "room-{}@resource.calendar.google.com"

@@ -73,7 +73,9 @@ class Env:
         **options: Any,
     ) -> Syncer:
         syncer = Syncer(
-            self.store,
+            self.store.notifications,
+            self.store.rooms,
+            self.store.channels,
             self.gateway() if credentials else None,
             self.clock,
             Config.model_validate(config or {}),
@@ -86,13 +88,13 @@ class Env:
     async def prime(self, calendar_id: str = CAL) -> None:
         """The first sync token, from a full list, as the channel lifecycle takes it."""
         listing = await self.gateway().list_events(calendar_id, None)
-        await self.store.set_sync_token(calendar_id, listing.next_sync_token)
+        await self.store.channels.set_sync_token(calendar_id, listing.next_sync_token)
         self.google.calls.clear()
 
     async def webhook(self, calendar_id: str = CAL) -> Notification:
         """What the webhook handler stores for an `exists` message."""
         self.numbers += 1
-        return await self.store.add_notification(
+        return await self.store.notifications.add(
             calendar_id,
             "webhook",
             "exists",
@@ -120,10 +122,12 @@ class Env:
         return sum(1 for m, c, _ in self.google.calls if m == "list" and c == calendar_id)
 
     async def all_notifications(self) -> list[Notification]:
-        return await self.store.list_notifications(include_unpublished=True, limit=500)
+        return await self.store.notifications.list(
+            include_unpublished=True, limit=500, with_deliveries=True
+        )
 
     async def published_in_order(self) -> list[Notification]:
-        return await self.store.list_notifications(limit=500)
+        return await self.store.notifications.list(limit=500, with_deliveries=True)
 
 
 @pytest.fixture
@@ -138,7 +142,7 @@ def env(io_loop, tmp_path, key_info):
     db_path = str(tmp_path / "mrm-push.sqlite3")
     store = SqliteStore(db_path)
     io_loop.run_sync(store.open)
-    io_loop.run_sync(lambda: store.put_room(CAL, "Room 1", TOKENS, clock.now()))
+    io_loop.run_sync(lambda: store.rooms.put(CAL, "Room 1", TOKENS, clock.now()))
     env = Env(clock, emu, store, db_path, str(key_file))
     env.stores.append(store)
     yield env
@@ -199,7 +203,9 @@ async def test_a_burst_of_ten_is_at_most_two_syncs_and_one_publication(env):
     assert published[0].changes == (expected(event),)
     assert published[0].id == stored[0].id  # the only one stored when the first sync began
     assert all(n.seq is None and n.deliveries == () for n in skipped)
-    assert env.published == [await env.store.get_notification(published[0].id)]
+    assert env.published == [
+        await env.store.notifications.get(published[0].id, with_deliveries=True)
+    ]
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -214,13 +220,13 @@ async def test_the_newest_of_a_batch_is_published_and_the_others_skipped(env):
     assert published.seq == 1
     assert (published.changes, published.full_resync) == ((expected(event),), False)
     for older in (first, second):
-        assert (await env.store.get_notification(older.id)).state == "skipped"
+        assert (await env.store.notifications.get(older.id)).state == "skipped"
     assert env.list_calls() == 1
 
 
 @pytest.mark.gen_test(timeout=15)
 async def test_syncs_of_different_calendars_do_not_wait_for_each_other(env):
-    await env.store.put_room(OTHER, "Room 2", [], env.clock.now())
+    await env.store.rooms.put(OTHER, "Room 2", [], env.clock.now())
     await env.prime(CAL)
     await env.prime(OTHER)
     one = env.google.insert_event(CAL, summary="one")
@@ -266,7 +272,7 @@ async def test_a_second_sync_of_a_calendar_waits_for_the_one_under_way(env):
     published = await running
     assert published is not None and published.id == first.id
     assert published.changes == (expected(event),)
-    assert (await env.store.get_notification(second.id)).state == "skipped"
+    assert (await env.store.notifications.get(second.id)).state == "skipped"
     assert [n.id for n in await env.published_in_order()] == [first.id]
 
 
@@ -278,14 +284,14 @@ async def test_an_expired_sync_token_publishes_a_full_resync_without_changes(env
     await env.prime()
     env.google.insert_event(CAL, summary="lost in the gap")
     env.google.expire_sync_tokens(CAL)
-    old_token = await env.store.get_sync_token(CAL)
+    old_token = await env.store.channels.get_sync_token(CAL)
     notification = await env.webhook()
     published = await env.syncer().sync_calendar(CAL)
     assert published is not None and published.id == notification.id
     assert (published.full_resync, published.changes) == (True, ())
     assert [m for m, c, _ in env.google.calls] == ["list", "list"]  # 410, then the full list
     assert [s for _, _, s in env.google.calls] == [410, 200]
-    new_token = await env.store.get_sync_token(CAL)
+    new_token = await env.store.channels.get_sync_token(CAL)
     assert new_token and new_token != old_token
 
     # The new token works incrementally again.
@@ -310,7 +316,7 @@ async def test_a_full_resync_asks_google_for_its_tokens_only(env, list_pages):
     assert "error" in expired
     assert "fields=nextPageToken%2CnextSyncToken" in uri
     assert list(full) == ["nextSyncToken"]
-    assert await env.store.get_sync_token(CAL) == full["nextSyncToken"]
+    assert await env.store.channels.get_sync_token(CAL) == full["nextSyncToken"]
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -320,7 +326,7 @@ async def test_no_sync_token_at_all_is_a_full_resync(env):
     published = await env.syncer().sync_calendar(CAL)
     assert published is not None
     assert (published.full_resync, published.changes) == (True, ())
-    assert await env.store.get_sync_token(CAL)
+    assert await env.store.channels.get_sync_token(CAL)
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -339,16 +345,18 @@ async def test_every_page_goes_into_one_notification(env):
 @pytest.mark.gen_test(timeout=15)
 async def test_a_sync_that_finds_nothing_skips_and_never_publishes(env):
     await env.prime()
-    old_token = await env.store.get_sync_token(CAL)
+    old_token = await env.store.channels.get_sync_token(CAL)
     notification = await env.webhook()
     syncer = env.syncer()
     assert await syncer.sync_calendar(CAL) is None
-    stored = await env.store.get_notification(notification.id)
+    stored = await env.store.notifications.get(notification.id, with_deliveries=True)
     assert (stored.state, stored.seq, stored.deliveries) == ("skipped", None, ())
     assert await env.published_in_order() == []
-    assert await env.store.last_seq() == 0
+    assert await env.store.notifications.last_seq() == 0
     assert env.published == []
-    assert await env.store.get_sync_token(CAL) != old_token  # Google's newest token is kept
+    assert (
+        await env.store.channels.get_sync_token(CAL) != old_token
+    )  # Google's newest token is kept
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -508,10 +516,10 @@ async def test_a_transient_failure_keeps_notifications_and_retries_with_backoff(
     notification = await env.webhook()
     syncer.kick(CAL)
     await syncer.drain(5)  # returns once the calendar is parked in its backoff
-    assert (await env.store.get_notification(notification.id)).state == "received"
+    assert (await env.store.notifications.get(notification.id)).state == "received"
     assert env.clock.sleepers == 1
     assert env.published == []
-    token = await env.store.get_sync_token(CAL)
+    token = await env.store.channels.get_sync_token(CAL)
 
     # A kick during the backoff waits for it rather than hammering Google.
     second = await env.webhook()
@@ -523,8 +531,8 @@ async def test_a_transient_failure_keeps_notifications_and_retries_with_backoff(
     await syncer.drain(5)
     published = await env.published_in_order()
     assert [(n.id, n.changes) for n in published] == [(second.id, (expected(event),))]
-    assert (await env.store.get_notification(notification.id)).state == "skipped"
-    assert await env.store.get_sync_token(CAL) != token
+    assert (await env.store.notifications.get(notification.id)).state == "skipped"
+    assert await env.store.channels.get_sync_token(CAL) != token
     assert env.list_calls() == 2
 
 
@@ -548,15 +556,15 @@ async def test_a_permanent_failure_skips_the_batch_with_a_warning(env, caplog):
     await env.prime()
     env.google.insert_event(CAL, summary="x")
     env.google.inject("list", status=404, reason="notFound", calendar_id=CAL)
-    token = await env.store.get_sync_token(CAL)
+    token = await env.store.channels.get_sync_token(CAL)
     syncer = env.syncer()
     notification = await env.webhook()
     with caplog.at_level(logging.WARNING, logger="daemon.sync"):
         syncer.kick(CAL)
         await syncer.drain(5)
-    assert (await env.store.get_notification(notification.id)).state == "skipped"
+    assert (await env.store.notifications.get(notification.id)).state == "skipped"
     assert env.clock.sleepers == 0  # no retry
-    assert await env.store.get_sync_token(CAL) == token
+    assert await env.store.channels.get_sync_token(CAL) == token
     (record,) = [r for r in caplog.records if r.getMessage() == "sync_refused"]
     assert (record.levelno, record.calendar_id, record.status) == (logging.WARNING, CAL, 404)
 
@@ -566,7 +574,7 @@ async def test_no_google_credentials_leave_notifications_received(env):
     await env.prime()
     notification = await env.webhook()
     assert await env.syncer(credentials=False).sync_calendar(CAL) is None
-    assert (await env.store.get_notification(notification.id)).state == "received"
+    assert (await env.store.notifications.get(notification.id)).state == "received"
 
 
 # -- restarts ---------------------------------------------------------------------------------
@@ -575,7 +583,7 @@ async def test_no_google_credentials_leave_notifications_received(env):
 @pytest.mark.gen_test(timeout=15)
 async def test_resume_after_a_restart_publishes_what_was_received(env):
     await env.prime()
-    await env.store.put_room(OTHER, "Room 2", [], env.clock.now())
+    await env.store.rooms.put(OTHER, "Room 2", [], env.clock.now())
     await env.prime(OTHER)
     one = env.google.insert_event(CAL, summary="before the crash")
     two = env.google.insert_event(OTHER, summary="also before")
@@ -627,7 +635,7 @@ async def test_a_stop_during_a_publication_lets_it_store_its_sync_token(env):
     store = env.store
     publishing, release = asyncio.Event(), asyncio.Event()
     token_stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    publish, set_sync_token = store.publish_notification, store.set_sync_token
+    publish, set_sync_token = store.notifications.publish, store.channels.set_sync_token
 
     async def slow_publish(*args: Any, **kwargs: Any) -> Notification:
         published = await publish(*args, **kwargs)  # committed: the seq and deliveries exist
@@ -640,8 +648,8 @@ async def test_a_stop_during_a_publication_lets_it_store_its_sync_token(env):
         if not token_stored.done():
             token_stored.set_result(None)
 
-    store.publish_notification = slow_publish  # type: ignore[method-assign]
-    store.set_sync_token = spy_set_sync_token  # type: ignore[method-assign]
+    store.notifications.publish = slow_publish  # type: ignore[method-assign]
+    store.channels.set_sync_token = spy_set_sync_token  # type: ignore[method-assign]
     syncer = env.syncer()
     syncer.kick(CAL)
     await asyncio.wait_for(publishing.wait(), 5)
@@ -665,11 +673,11 @@ async def test_a_notification_of_a_deleted_room_is_skipped_without_listing(env):
     await env.prime()
     env.google.insert_event(CAL, summary="x")
     notification = await env.webhook()
-    await env.store.delete_room(CAL)
+    await env.store.rooms.delete(CAL)
     syncer = env.syncer()
     syncer.kick(CAL)
     await syncer.drain(5)
-    assert (await env.store.get_notification(notification.id)).state == "skipped"
+    assert (await env.store.notifications.get(notification.id)).state == "skipped"
     assert env.list_calls() == 0
     assert env.published == []
 
@@ -719,7 +727,7 @@ async def test_without_fcm_no_fcm_deliveries_are_made(env):
     await env.webhook()
     published = await env.syncer(fcm=False).sync_calendar(CAL)
     assert published is not None and published.deliveries == ()
-    assert await env.store.count_deliveries() == 1
+    assert await env.store.outbox.count() == 1
 
 
 @pytest.mark.gen_test(timeout=15)
@@ -755,4 +763,4 @@ async def test_close_stops_new_work(env):
     syncer.kick(CAL)
     await syncer.drain(1)
     assert env.list_calls() == 0
-    assert (await env.store.get_notification(notification.id)).state == "received"
+    assert (await env.store.notifications.get(notification.id)).state == "received"

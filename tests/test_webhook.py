@@ -35,7 +35,7 @@ async def real_channel(service: Service, emulator: Any, calendar_id: str = ROOM)
     status, room = await call(service, "PUT", "/v1/rooms/" + quote(calendar_id), {"name": "R"})
     assert status == 201, room
     await emulator.google.drain()
-    channel = await service.store.get_channel(room["channel"]["id"])
+    channel = await service.store.channels.get(room["channel"]["id"])
     assert channel is not None
     assert channel.state == "active" and channel.confirmed and channel.resource_id
     assert channel.last_message_number == 1
@@ -60,7 +60,7 @@ async def pending_channel(
         created_at=now,
         updated_at=now,
     )
-    await service.store.insert_channel(channel)
+    await service.store.channels.insert(channel)
     return channel
 
 
@@ -95,17 +95,19 @@ async def hook_raw(service: Service, pairs: list[tuple[str, str]]) -> int:
 
 
 async def notifications(service: Service) -> list[Notification]:
-    return await service.store.list_notifications(include_unpublished=True, limit=500)
+    return await service.store.notifications.list(
+        include_unpublished=True, limit=500, with_deliveries=True
+    )
 
 
 async def last_number(service: Service, channel: Channel) -> int:
-    stored = await service.store.get_channel(channel.id)
+    stored = await service.store.channels.get(channel.id)
     assert stored is not None
     return stored.last_message_number
 
 
 async def confirmed(service: Service, channel: Channel) -> bool:
-    stored = await service.store.get_channel(channel.id)
+    stored = await service.store.channels.get(channel.id)
     assert stored is not None
     return stored.confirmed
 
@@ -121,7 +123,7 @@ async def webhook_counts(service: Service) -> dict[str, float]:
 async def assert_nothing_stored(service: Service, channel: Channel, number: int = 1) -> None:
     assert await notifications(service) == []
     assert await last_number(service, channel) == number
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
 
 
 # -- 400: a required header missing or malformed ------------------------------------------------
@@ -243,7 +245,7 @@ async def test_unknown_channel_queues_one_stop_that_reaches_google(make_service,
     gone_headers = {**google_headers(gone, 7), "X-Goog-Resource-ID": "old-resource-id"}
     status, _ = await hook(service, gone_headers)
     assert status == 200
-    [stop] = await service.store.list_stops()
+    [stop] = await service.store.channels.list_stops()
     assert (stop.channel_id, stop.resource_id, stop.calendar_id) == (
         gone.id,
         "old-resource-id",
@@ -252,7 +254,7 @@ async def test_unknown_channel_queues_one_stop_that_reaches_google(make_service,
     # Google sends again (or sends the next number): still one stop.
     status, _ = await hook(service, {**gone_headers, "X-Goog-Message-Number": "9"})
     assert status == 200
-    assert [s.channel_id for s in await service.store.list_stops()] == [gone.id]
+    assert [s.channel_id for s in await service.store.channels.list_stops()] == [gone.id]
     assert await notifications(service) == []
     assert await last_number(service, channel) == 1
     assert (await webhook_counts(service))["unknown_channel"] == 2
@@ -263,7 +265,7 @@ async def test_unknown_channel_queues_one_stop_that_reaches_google(make_service,
     assert await service.channels.process_stops() == 1
     # The emulator never had that channel: 404, which counts as stopped.
     assert emulator.google.calls[-1] == ("stop", None, 404)
-    assert await service.store.list_stops() == []
+    assert await service.store.channels.list_stops() == []
     # The room's own channel is untouched.
     assert [c["state"] for c in emulator.google.channels(ROOM)] == ["live"]
 
@@ -303,7 +305,7 @@ async def test_resource_id_different_from_the_stored_one_is_403(make_service, em
             assert status == 403, (resource_id, state)
             assert body["error"]["code"] == "bad_resource_id"
     await assert_nothing_stored(service, channel)
-    stored = await service.store.get_channel(channel.id)
+    stored = await service.store.channels.get(channel.id)
     assert stored is not None and stored.resource_id == channel.resource_id
 
 
@@ -314,7 +316,7 @@ async def test_a_wrong_token_does_not_confirm_a_pending_channel(make_service, cl
     headers = {**google_headers(channel, 1, "sync"), "X-Goog-Resource-ID": "res-1"}
     status, _ = await hook(service, {**headers, "X-Goog-Channel-Token": "guess"})
     assert status == 403
-    stored = await service.store.get_channel(channel.id)
+    stored = await service.store.channels.get(channel.id)
     assert stored is not None
     assert (stored.confirmed, stored.resource_id, stored.last_message_number) == (False, "", 0)
 
@@ -337,7 +339,7 @@ async def test_sync_takes_the_resource_id_when_the_stored_one_is_empty(make_serv
     headers = {**google_headers(channel, 1, "sync"), "X-Goog-Resource-ID": "res-from-sync"}
     status, _ = await hook(service, headers)
     assert status == 200
-    stored = await service.store.get_channel(channel.id)
+    stored = await service.store.channels.get(channel.id)
     assert stored is not None
     assert stored.confirmed is True
     assert stored.resource_id == "res-from-sync"
@@ -360,7 +362,7 @@ async def test_sync_keeps_a_stored_resource_id(make_service, clock):
     channel = await pending_channel(service, ROOM, "pending-channel-3", resource_id="res-known")
     status, _ = await hook(service, google_headers(channel, 1, "sync"))
     assert status == 200
-    stored = await service.store.get_channel(channel.id)
+    stored = await service.store.channels.get(channel.id)
     assert stored is not None and stored.confirmed and stored.resource_id == "res-known"
 
 
@@ -444,14 +446,15 @@ async def test_storage_failing_is_503_and_nothing_stored(
     make_service, emulator, clock, monkeypatch
 ):
     service = await make_service(clock=clock, emulator=emulator)
+    store = service.store
     channel = await real_channel(service, emulator)
     headers = google_headers(channel, 4)
 
     async def unavailable(*args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("database is locked")
 
-    for method in ("add_notification", "get_channel"):
-        monkeypatch.setattr(service.store, method, unavailable)
+    for repository, method in ((store.notifications, "add"), (store.channels, "get")):
+        monkeypatch.setattr(repository, method, unavailable)
         status, body = await hook(service, headers)
         assert status == 503, method
         assert body["error"]["code"] == "storage_unavailable"
@@ -477,7 +480,7 @@ async def test_storage_failing_on_sync_is_503_and_the_retry_confirms(
     async def unavailable(*args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("disk I/O error")
 
-    monkeypatch.setattr(service.store, "confirm_channel", unavailable)
+    monkeypatch.setattr(service.store.channels, "confirm", unavailable)
     status, _ = await hook(service, headers)
     assert status == 503
     monkeypatch.undo()
@@ -498,7 +501,7 @@ async def test_once_stored_a_later_failure_still_answers_200(
         raise StoreUnavailable("database is locked")
 
     # The notification is durable once inserted; advancing the number is only a shortcut.
-    monkeypatch.setattr(service.store, "advance_message_number", unavailable)
+    monkeypatch.setattr(service.store.channels, "advance_message_number", unavailable)
     status, _ = await hook(service, google_headers(channel, 4))
     assert status == 200
     monkeypatch.undo()
@@ -517,7 +520,7 @@ async def test_google_resends_after_a_503_and_the_notification_is_kept(
 ):
     service = await make_service(clock=clock, emulator=emulator)
     channel = await real_channel(service, emulator)
-    real_add = service.store.add_notification
+    real_add = service.store.notifications.add
     failures = [StoreUnavailable("database is locked")]
 
     async def fail_once(*args: Any, **kwargs: Any) -> Any:
@@ -525,7 +528,7 @@ async def test_google_resends_after_a_503_and_the_notification_is_kept(
             raise failures.pop()
         return await real_add(*args, **kwargs)
 
-    monkeypatch.setattr(service.store, "add_notification", fail_once)
+    monkeypatch.setattr(service.store.notifications, "add", fail_once)
     emulator.google.insert_event(ROOM, summary="Standup")
     await emulator.google.drain()
     attempts = [a for a in emulator.google.webhooks if a.state == "exists"]
@@ -570,4 +573,4 @@ async def test_the_stop_queue_for_unknown_channels_is_bounded(make_service, emul
         status, _ = await call(service, "POST", "/notifications", key=None, headers=headers)
         assert status == 200
     await service.channels.drain(5)
-    assert len(await service.store.list_stops()) == 3
+    assert len(await service.store.channels.list_stops()) == 3

@@ -99,7 +99,7 @@ def announce(service, notification: Notification) -> None:
 async def store_one(service, calendar_id: str, size: int = 0) -> Notification:
     """A notification published in the store (the syncer's step), not announced yet."""
     store, now = service.store, service.clock.now()
-    received = await store.add_notification(calendar_id, "poll", "exists", received_at=now)
+    received = await store.notifications.add(calendar_id, "poll", "exists", received_at=now)
     change = {
         "event_id": f"event-{received.id}",
         "status": "confirmed",
@@ -108,7 +108,7 @@ async def store_one(service, calendar_id: str, size: int = 0) -> Notification:
         "end": "2024-05-02T10:00:00Z",
         "summary": "meeting " + "x" * size,
     }
-    return await store.publish_notification(received.id, [change], False, [], now)
+    return await store.notifications.publish(received.id, [change], False, [], now)
 
 
 async def publish(service, calendar_id: str, size: int = 0) -> Notification:
@@ -223,7 +223,7 @@ async def test_subscribe_notification_unsubscribe_ping(make_service):
     assert answer == {
         "type": "subscribed",
         "calendar_ids": [ROOM_A],
-        "store_epoch": await service.store.store_epoch(),
+        "store_epoch": await service.store.meta.store_epoch(),
     }
     await publish(service, ROOM_B)  # not subscribed: never sent
     published = await publish(service, ROOM_A)
@@ -483,7 +483,7 @@ async def test_the_seam_when_publication_happens_between_replay_pages(make_servi
     before = [await publish(service, room) for room in [ROOM_A, ROOM_B] * 6]
     service.fanout.replay_page = 2
     store = service.store
-    read_page = store.list_notifications
+    read_page = store.notifications.list
     during: list[Notification] = []
 
     async def read_then_publish(*args: Any, **kwargs: Any) -> list[Notification]:
@@ -492,11 +492,11 @@ async def test_the_seam_when_publication_happens_between_replay_pages(make_servi
             during.append(await publish(service, ROOM_A if len(during) % 2 else ROOM_B))
         return page
 
-    store.list_notifications = read_then_publish  # type: ignore[method-assign]
+    store.notifications.list = read_then_publish  # type: ignore[method-assign]
     ws = await connect(service)
     await subscribe(ws, [ROOM_A, ROOM_B], after=3)
     seqs, replayed = await replay_of(ws)
-    store.list_notifications = read_page  # type: ignore[method-assign]
+    store.notifications.list = read_page  # type: ignore[method-assign]
     assert len(during) == 5  # 9 to replay, 2 a page: publication between every two reads
     assert seqs == [n.seq for n in before if n.seq > 3]
     assert replayed["count"] == len(seqs) and replayed["complete"] is True
@@ -548,10 +548,10 @@ class Reads:
 
     def __init__(self, service) -> None:
         self.store = service.store
-        self.read = service.store.list_notifications
+        self.read = service.store.notifications.list
         self.calls = 0
         self.fail_from: int | None = None
-        self.store.list_notifications = self._list  # type: ignore[method-assign]
+        self.store.notifications.list = self._list  # type: ignore[method-assign]
 
     def fail(self, after_calls: int = 0) -> None:
         self.fail_from = self.calls + after_calls
@@ -652,9 +652,9 @@ async def test_replay_is_incomplete_when_history_does_not_reach_back(make_servic
     for _ in range(3):
         await publish(service, ROOM_A)
     now = service.clock.now()
-    assert await service.store.purge_notifications(now + 10, now + 10) == 3
+    assert await service.store.notifications.purge(now + 10, now + 10) == 3
     kept = await publish(service, ROOM_A)
-    epoch = await service.store.store_epoch()
+    epoch = await service.store.meta.store_epoch()
     cases = [
         ({"after": 1}, [kept.seq], False),  # purged: retention no longer reaches back
         ({"after": 3}, [kept.seq], True),

@@ -45,8 +45,8 @@ async def measure(directory: str, queued: int, bound: int, calls: int) -> list[f
 
     try:
         for number in range(queued):
-            await store.enqueue_stop(f"queued-{number}", "resource", None, clock.now())
-        stops = StopQueue(store, None, clock, Config(), spawn)
+            await store.channels.enqueue_stop(f"queued-{number}", "resource", None, clock.now())
+        stops = StopQueue(store.channels, None, clock, Config(), spawn)
         stops.max_queued = bound
         times = []
         for number in range(calls):

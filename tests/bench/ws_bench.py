@@ -7,7 +7,7 @@ Three processes: the server under test pinned to the first CPU, the load generat
 to the second, and this script (it only sends commands and reads /proc) beside the generator.
 The server is first mrm-push (the real Service: config, SQLite store, /ws handler, fan-out hub)
 run in a child of this script (`ws_bench.py serve-ours`) with a driver inside it that publishes
-the way a sync does: `store.add_notification` + `store.publish_notification`, then every
+the way a sync does: `store.notifications.add` + `store.notifications.publish`, then every
 `publication_listeners` callback (so the hub's real path from the publication on); then the
 reference, tests/bench/ws_reference_server.py (`websockets.broadcast()`). Both take the same
 load from the same generator in the same run, with compression off and the same slow-client
@@ -83,8 +83,8 @@ class Driver:
         store = self.service.store
         started = time.perf_counter()
         now = time.time()
-        received = await store.add_notification(CALENDAR, "poll", "exists", received_at=now)
-        published = await store.publish_notification(
+        received = await store.notifications.add(CALENDAR, "poll", "exists", received_at=now)
+        published = await store.notifications.publish(
             received.id, [self.make_change(received.id, now)], False, [], now
         )
         self.store_seconds.append(time.perf_counter() - started)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from storage.base import Store
+from storage.protocols import Store
 
 MONGO_ENV = "MRM_PUSH_TEST_MONGODB_URI"
 BACKENDS = ["sqlite", "mongomock", "mongo-motor", "mongo-pymongo"]

@@ -8,7 +8,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from storage.base import Channel, Notification, Store, Target
+from storage.base import Channel, Notification, Target
+from storage.protocols import Store
 
 T0 = 1_800_000_000.0
 
@@ -44,10 +45,10 @@ async def publish_new(
 ) -> Notification:
     """Store a notification and publish it at `now`."""
     source = "webhook" if channel_id is not None else "poll"
-    added = await store.add_notification(
+    added = await store.notifications.add(
         calendar_id, source, "exists", now, channel_id=channel_id, message_number=message_number
     )
-    return await store.publish_notification(
+    return await store.notifications.publish(
         added.id,
         changes if changes is not None else [{"event_id": f"ev-{added.id}"}],
         False,
@@ -78,3 +79,16 @@ async def claim_all(
 def duplicates(counts: Counter[int]) -> dict[int, int]:
     """The delivery ids handed out more than once, with how often."""
     return {delivery_id: n for delivery_id, n in counts.items() if n > 1}
+
+
+async def reserve_seq(store: Any) -> None:
+    """Take the next seq the way a publication does first, and show nothing (what a MongoDB
+    publication cut half-way leaves)."""
+    if type(store).__name__ == "SqliteStore":
+        await store.connection.connection().execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'seq'"
+        )
+    else:
+        await store.database.counters.update_one(
+            {"_id": "seq"}, {"$inc": {"value": 1}}, upsert=True
+        )

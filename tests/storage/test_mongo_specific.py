@@ -34,7 +34,10 @@ from storage.base import (
     Target,
 )
 from storage.mongo import MongoStore
-from storage.mongo_driver import database_name
+from storage.mongo.driver import database_name
+from storage.mongo.migrations import MIGRATIONS
+from storage.mongo.notifications import ID_BLOCK
+from tests.storage.helpers import make_channel
 
 REAL_MONGODB = os.environ.get("MRM_PUSH_TEST_MONGODB_URI")
 
@@ -162,9 +165,9 @@ def test_database_comes_from_the_url_else_mrm_push():
     assert database_name("mongodb://h/?w=1") is None
     assert database_name("mongodb://h") is None
     client = AsyncMongoMockClient()
-    assert MongoStore("mongodb://h/site", client=client)._db.name == "site"
-    assert MongoStore("mongodb://h", client=client)._db.name == "mrm_push"
-    assert MongoStore("mongodb://h/site", client=client, database="other")._db.name == "other"
+    assert MongoStore("mongodb://h/site", client=client).database.name == "site"
+    assert MongoStore("mongodb://h", client=client).database.name == "mrm_push"
+    assert MongoStore("mongodb://h/site", client=client, database="other").database.name == "other"
 
 
 # -- indexes and invariants (mongomock-motor) --------------------------------------------------
@@ -173,7 +176,7 @@ async def test_indexes_exist_after_open():
     client = AsyncMongoMockClient()
     store = MongoStore("mongodb://h/site", client=client)
     await store.open()
-    assert store.indexed
+    assert store.migrated
     info = await client["site"]["notifications"].index_information()
     assert info["channel_message_unique"]["unique"] is True
     assert "partialFilterExpression" in info["channel_message_unique"]
@@ -182,15 +185,76 @@ async def test_indexes_exist_after_open():
     await store.close()
 
 
+# -- the schema version ---------------------------------------------------------------------------
+async def schema_doc(client: Any, database: str = "site") -> Any:
+    return await client[database]["meta"].find_one({"_id": "schema"})
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_new_database_is_at_the_current_schema_version():
+    client = AsyncMongoMockClient()
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    assert store.migrated
+    assert (await schema_doc(client))["version"] == len(MIGRATIONS)
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_database_from_before_versions_is_migrated_and_keeps_its_data():
+    client = AsyncMongoMockClient()
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    await store.rooms.put("cal-1", "Kampala", ["t1"], 1.0)
+    epoch = await store.meta.store_epoch()
+    await client["site"]["meta"].delete_one({"_id": "schema"})  # as the last release left it
+    again = MongoStore("mongodb://h/site", client=client)
+    await again.open()
+    assert (await schema_doc(client))["version"] == len(MIGRATIONS)
+    assert (await again.rooms.get("cal-1")).firebase_tokens == ("t1",)
+    assert await again.meta.store_epoch() == epoch
+    assert "channel_message_unique" in await index_names(client, "site", "notifications")
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_newer_schema_is_refused_as_a_config_error():
+    client = AsyncMongoMockClient()
+    await client["site"]["meta"].insert_one({"_id": "schema", "version": len(MIGRATIONS) + 1})
+    store = MongoStore("mongodb://h/site", client=client)
+    with pytest.raises(StoreConfigError, match="newer than this mrm-push knows") as raised:
+        await store.open()
+    assert str(raised.value) == (
+        f"storage: mongodb database 'site' has schema version {len(MIGRATIONS) + 1},"
+        f" newer than this mrm-push knows ({len(MIGRATIONS)})"
+    )
+    assert not store.migrated
+    assert await index_names(client, "site", "notifications") == set()  # nothing touched
+    with pytest.raises(StoreConfigError):
+        await store.rooms.get("cal-1")  # every call says so, not only the start
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_newer_schema_found_once_the_server_is_back_keeps_the_store_unready():
+    faults = Faults()
+    faults.down = True
+    client = FlakyClient(faults)
+    await client.mock["site"]["meta"].insert_one({"_id": "schema", "version": 99})
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()  # down: the start goes on
+    faults.down = False
+    with pytest.raises(StoreConfigError, match="schema version 99"):
+        await store.ping()
+
+
 @pytest.mark.gen_test(timeout=10)
 async def test_duplicate_notification_raises_and_polls_never_collide():
     store = MongoStore("mongodb://h/site", client=AsyncMongoMockClient())
     await store.open()
-    first = await store.add_notification("c", "webhook", "exists", 1.0, "ch", 7)
+    first = await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 7)
     with pytest.raises(DuplicateNotification):
-        await store.add_notification("c", "webhook", "exists", 2.0, "ch", 7)
-    other = await store.add_notification("c", "webhook", "exists", 2.0, "ch2", 7)
-    polls = [await store.add_notification("c", "poll", "exists", 3.0) for _ in range(2)]
+        await store.notifications.add("c", "webhook", "exists", 2.0, "ch", 7)
+    other = await store.notifications.add("c", "webhook", "exists", 2.0, "ch2", 7)
+    polls = [await store.notifications.add("c", "poll", "exists", 3.0) for _ in range(2)]
     assert [n.id for n in (first, other, *polls)] == [1, 2, 3, 4]
     assert polls[0].channel_id is None and polls[0].message_number is None
 
@@ -202,7 +266,7 @@ async def test_open_succeeds_and_ping_fails_fast_while_the_server_is_down(driver
     url = f"mongodb://127.0.0.1:{closed_port()}/x?serverSelectionTimeoutMS=200"
     store = MongoStore(url, driver=driver)
     await store.open()
-    assert not store.indexed
+    assert not store.migrated
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="unreachable") as caught:
         await store.ping()
@@ -210,7 +274,7 @@ async def test_open_succeeds_and_ping_fails_fast_while_the_server_is_down(driver
     assert "127.0.0.1" in str(caught.value)
     assert "Topology" not in str(caught.value)  # the reason is one short line
     with pytest.raises(StoreUnavailable):
-        await store.get_room("c")
+        await store.rooms.get("c")
     await store.close()
 
 
@@ -221,15 +285,15 @@ async def test_indexes_are_made_on_the_first_successful_ping():
     client = FlakyClient(faults)
     store = MongoStore("mongodb://h/site", client=client)
     await store.open()
-    assert not store.indexed
+    assert not store.migrated
     with pytest.raises(StoreUnavailable, match="Connection refused"):
         await store.ping()
-    assert not store.indexed
+    assert not store.migrated
     assert await index_names(client.mock, "site", "notifications") == set()
 
     faults.down = False
     await store.ping()
-    assert store.indexed
+    assert store.migrated
     assert "channel_message_unique" in await index_names(client.mock, "site", "notifications")
     made = faults.calls.count("notifications.create_index")
     await store.ping()
@@ -244,12 +308,12 @@ async def test_indexes_are_made_by_the_first_successful_operation_too():
     store = MongoStore("mongodb://h/site", client=client)
     await store.open()
     with pytest.raises(StoreUnavailable):
-        await store.add_notification("c", "webhook", "exists", 1.0, "ch", 1)
+        await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
     faults.down = False
-    await store.add_notification("c", "webhook", "exists", 1.0, "ch", 1)
-    assert store.indexed
+    await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
+    assert store.migrated
     with pytest.raises(DuplicateNotification):
-        await store.add_notification("c", "webhook", "exists", 1.0, "ch", 1)
+        await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -259,13 +323,13 @@ async def test_other_driver_errors_are_store_errors_not_unavailable():
     await store.open()
     faults.once["rooms.find_one"] = OperationFailure("not authorized on site", code=13)
     with pytest.raises(StoreError, match="not authorized") as caught:
-        await store.get_room("c")
+        await store.rooms.get("c")
     assert not isinstance(caught.value, StoreUnavailable)
 
 
 # -- publication in several writes ---------------------------------------------------------------
 async def received(store: MongoStore, n: int = 1) -> list[int]:
-    return [(await store.add_notification("c", "poll", "exists", 1.0)).id for _ in range(n)]
+    return [(await store.notifications.add("c", "poll", "exists", 1.0)).id for _ in range(n)]
 
 
 TARGETS = [Target("fcm", "tok-a"), Target("backend")]
@@ -279,18 +343,20 @@ async def test_a_publication_cut_before_the_seq_is_visible_leaves_nothing_to_sen
     (nid,) = await received(store)
     faults.once["notifications.find_one_and_update"] = ServerSelectionTimeoutError("down")
     with pytest.raises(StoreUnavailable):
-        await store.publish_notification(nid, [{"event_id": "e"}], False, TARGETS, 5.0)
-    half = await store.get_notification(nid)
+        await store.notifications.publish(nid, [{"event_id": "e"}], False, TARGETS, 5.0)
+    half = await store.notifications.get(nid, with_deliveries=True)
     assert half is not None and half.state == "received" and half.deliveries == ()
-    assert await store.claim_deliveries(10.0, 40.0) == []
-    assert await store.next_delivery_due() is None
-    assert await store.last_seq() == 0
+    [waiting] = await store.notifications.received()  # its held deliveries stay unseen
+    assert waiting.id == nid and waiting.deliveries == ()
+    assert await store.outbox.claim(10.0, 40.0) == []
+    assert await store.outbox.next_due() is None
+    assert await store.notifications.last_seq() == 0
 
-    again = await store.publish_notification(nid, [{"event_id": "e"}], False, TARGETS, 6.0)
+    again = await store.notifications.publish(nid, [{"event_id": "e"}], False, TARGETS, 6.0)
     assert again.state == "published" and again.seq == 2  # seq 1 is a gap never seen
     assert [d.target for d in again.deliveries] == TARGETS
-    assert await store.count_deliveries() == 2  # the half-made ones are gone
-    claimed = await store.claim_deliveries(10.0, 40.0)
+    assert await store.outbox.count() == 2  # the half-made ones are gone
+    claimed = await store.outbox.claim(10.0, 40.0)
     assert sorted(d.id for d in claimed) == sorted(d.id for d in again.deliveries)
 
 
@@ -302,15 +368,15 @@ async def test_a_publication_cut_after_the_seq_is_visible_is_finished_by_release
     (nid,) = await received(store)
     faults.once["deliveries.update_many"] = ServerSelectionTimeoutError("down")
     with pytest.raises(StoreUnavailable):
-        await store.publish_notification(nid, [], True, TARGETS, 5.0)
-    shown = await store.get_notification(nid)
+        await store.notifications.publish(nid, [], True, TARGETS, 5.0)
+    shown = await store.notifications.get(nid, with_deliveries=True)
     assert shown is not None and shown.seq == 1 and len(shown.deliveries) == 2
-    assert await store.claim_deliveries(10.0, 40.0) == []  # still held
+    assert await store.outbox.claim(10.0, 40.0) == []  # still held
 
-    assert await store.publish_notification(nid, [], True, TARGETS, 6.0) == shown
-    assert await store.release_claims() == 0  # nothing was in flight; the hold is lifted
-    assert await store.next_delivery_due() == 5.0
-    assert len(await store.claim_deliveries(10.0, 40.0)) == 2
+    assert await store.notifications.publish(nid, [], True, TARGETS, 6.0) == shown
+    assert await store.outbox.release_claims() == 0  # nothing was in flight; the hold is lifted
+    assert await store.outbox.next_due() == 5.0
+    assert len(await store.outbox.claim(10.0, 40.0)) == 2
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -325,12 +391,12 @@ async def test_concurrent_publications_become_visible_in_seq_order():
     async def reader() -> None:
         while not done.is_set():
             await asyncio.sleep(0)  # find() cursors of mongomock-motor never yield
-            page = await store.list_notifications(after=0, limit=500)
+            page = await store.notifications.list(after=0, limit=500, with_deliveries=True)
             snapshots.append([n.seq or 0 for n in page])
             assert all(n.deliveries for n in page)  # never published without deliveries
 
     async def publish(nid: int) -> None:
-        await store.publish_notification(nid, [{"event_id": str(nid)}], False, TARGETS, 5.0)
+        await store.notifications.publish(nid, [{"event_id": str(nid)}], False, TARGETS, 5.0)
 
     reading = asyncio.ensure_future(reader())
     await asyncio.gather(*(publish(nid) for nid in ids))
@@ -339,7 +405,7 @@ async def test_concurrent_publications_become_visible_in_seq_order():
     assert len(snapshots) > 1
     for seqs in snapshots:
         assert seqs == list(range(1, len(seqs) + 1))  # a prefix: no seq visible before a lower one
-    assert await store.last_seq() == 12
+    assert await store.notifications.last_seq() == 12
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -348,12 +414,12 @@ async def test_concurrent_claimers_never_share_a_delivery_when_calls_interleave(
     await store.open()
     every: set[int] = set()
     for nid in await received(store, 10):
-        published = await store.publish_notification(nid, [], True, TARGETS * 2, 5.0)
+        published = await store.notifications.publish(nid, [], True, TARGETS * 2, 5.0)
         every.update(d.id for d in published.deliveries)
     handed: list[int] = []
 
     async def claimer() -> None:
-        while batch := await store.claim_deliveries(10.0, 70.0, limit=3):
+        while batch := await store.outbox.claim(10.0, 70.0, limit=3):
             handed.extend(d.id for d in batch)
 
     await asyncio.gather(*(claimer() for _ in range(5)))
@@ -368,7 +434,7 @@ async def test_real_server_ping_and_indexes(driver):
     store = MongoStore(REAL_MONGODB, driver=driver, database=f"mrm_push_test_{driver}")
     await store.open()
     await store.ping()
-    assert store.indexed
+    assert store.migrated
     await store.client.drop_database(f"mrm_push_test_{driver}")
     await store.close()
 
@@ -418,29 +484,29 @@ async def test_held_deliveries_of_a_cut_publication_are_not_listed_counted_or_re
     (nid,) = await received(store)
     faults.once["notifications.find_one_and_update"] = ServerSelectionTimeoutError("down")
     with pytest.raises(StoreUnavailable):
-        await store.publish_notification(nid, [{"event_id": "e"}], False, TARGETS, 5.0)
-    assert await store.list_deliveries() == []
-    assert await store.delivery_counts() == {}
-    outcome = await store.retry_deliveries(6.0, state="failed")
+        await store.notifications.publish(nid, [{"event_id": "e"}], False, TARGETS, 5.0)
+    assert await store.outbox.list() == []
+    assert await store.outbox.counts() == {}
+    outcome = await store.outbox.retry(6.0, state="failed")
     assert outcome.retried == () and outcome.skipped == ()
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_a_token_that_leaves_while_a_retry_runs_is_cancelled_not_brought_back(monkeypatch):
     # No transaction joins the retry's rooms read to its update: the token leaves in between.
-    from storage import mongo_outbox
+    from storage.mongo import outbox as mongo_outbox
 
     store = MongoStore("mongodb://h/site", client=AsyncMongoMockClient())
     await store.open()
-    await store.put_room("c", "", ["tok-a", "tok-b"], 1.0)
+    await store.rooms.put("c", "", ["tok-a", "tok-b"], 1.0)
     (nid,) = await received(store)
-    published = await store.publish_notification(
+    published = await store.notifications.publish(
         nid, [], True, [Target("fcm", "tok-a"), Target("fcm", "tok-b")], 2.0
     )
     d_a, d_b = (d.id for d in published.deliveries)
     for delivery_id in (d_a, d_b):
-        await store.finish_delivery(delivery_id, "failed", 3.0, attempts=8, last_error="e")
-    real_rooms = mongo_outbox._rooms
+        await store.outbox.finish(delivery_id, "failed", 3.0, attempts=8, last_error="e")
+    real_rooms = mongo_outbox._room_tokens
     looks = 0
 
     async def rooms_then_token_leaves(*args):
@@ -448,15 +514,155 @@ async def test_a_token_that_leaves_while_a_retry_runs_is_cancelled_not_brought_b
         found = await real_rooms(*args)
         looks += 1
         if looks == 1:
-            await store.remove_token("c", "tok-a", 4.0)  # cancels only pending ones: none yet
+            await store.rooms.remove_token("c", "tok-a", 4.0)  # cancels only pending ones: none yet
         return found
 
-    monkeypatch.setattr(mongo_outbox, "_rooms", rooms_then_token_leaves)
-    outcome = await store.retry_deliveries(5.0, ids=[d_a, d_b])
+    monkeypatch.setattr(mongo_outbox, "_room_tokens", rooms_then_token_leaves)
+    outcome = await store.outbox.retry(5.0, ids=[d_a, d_b])
     assert outcome.retried == (d_b,)
     assert [(s.id, s.reason, s.state) for s in outcome.skipped] == [
         (d_a, "token_dropped", "cancelled")
     ]
-    states = {d.id: d.state for d in await store.list_deliveries()}
+    states = {d.id: d.state for d in await store.outbox.list()}
     assert states == {d_a: "cancelled", d_b: "pending"}
-    assert [d.id for d in await store.claim_deliveries(6.0, 60.0)] == [d_b]
+    assert [d.id for d in await store.outbox.claim(6.0, 60.0)] == [d_b]
+
+
+# -- round trips --------------------------------------------------------------------------------
+def round_trips(faults: Faults) -> int:
+    """Calls that reach the server (collection methods and commands) since the last clear."""
+    return len(faults.calls)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_webhook_notification_costs_three_round_trips():
+    """The handler's channels.get, then the insert and the channel's number: the unique index
+    decides duplicates (no look first), and ids come from a block reserved in memory."""
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    await store.channels.insert(make_channel("ch-1", "cal-1"))
+    faults.calls.clear()
+    count = 200
+    for number in range(1, count + 1):
+        assert await store.channels.get("ch-1") is not None
+        await store.notifications.add("cal-1", "webhook", "exists", 1.0, "ch-1", number)
+    reserved = faults.calls.count("counters.find_one_and_update")
+    assert reserved == -(-count // ID_BLOCK)  # one per block of ids
+    assert round_trips(faults) == 3 * count + reserved
+    assert (await store.channels.get("ch-1")).last_message_number == count
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_block_ids_increase_are_never_reused_and_a_duplicate_spends_none():
+    client = AsyncMongoMockClient()
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    first = await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
+    with pytest.raises(DuplicateNotification):
+        await store.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
+    second = await store.notifications.add("c", "poll", "exists", 1.0)
+    assert (first.id, second.id) == (1, 2)  # the refused one took no id
+    # A restart (another handle) starts a new block: the rest of the old one is never used.
+    again = MongoStore("mongodb://h/site", client=client)
+    await again.open()
+    third = await again.notifications.add("c", "poll", "exists", 1.0)
+    assert third.id == ID_BLOCK + 1
+    fourth = await store.notifications.add("c", "poll", "exists", 1.0)  # the old handle's block
+    assert fourth.id == 3 and len({first.id, second.id, third.id, fourth.id}) == 4
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_an_id_the_counter_gave_twice_is_a_store_error_not_a_duplicate():
+    """A counter behind the data (say, restored from an older backup) must not pass a new
+    notification off as Google's resend (the webhook would answer 200 and drop it)."""
+    client = AsyncMongoMockClient()
+    store = MongoStore("mongodb://h/site", client=client)
+    await store.open()
+    await store.notifications.add("c", "poll", "exists", 1.0)
+    await client["site"]["counters"].delete_one({"_id": "notification_id"})
+    again = MongoStore("mongodb://h/site", client=client)
+    await again.open()
+    with pytest.raises(StoreError, match="counter") as raised:
+        await again.notifications.add("c", "webhook", "exists", 1.0, "ch", 1)
+    assert not isinstance(raised.value, DuplicateNotification)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_claim_costs_the_same_round_trips_whatever_its_size():
+    faults = Faults()
+    store = MongoStore("mongodb://h/site", client=FlakyClient(faults))
+    await store.open()
+    (nid,) = await received(store)
+    targets = [Target("fcm", f"tok-{i}") for i in range(50)]
+    published = await store.notifications.publish(nid, [], True, targets, 5.0)
+    faults.calls.clear()
+    assert await store.outbox.claim(4.0, 60.0, limit=64) == []  # nothing due yet
+    assert round_trips(faults) == 1
+    faults.calls.clear()
+    claimed = await store.outbox.claim(10.0, 60.0, limit=64)
+    assert [d.id for d in claimed] == [d.id for d in published.deliveries]  # oldest due first
+    assert {(d.state, d.lease_until) for d in claimed} == {("in_flight", 60.0)}
+    assert round_trips(faults) == 3  # find the due ids, take them, read back what we took
+    faults.calls.clear()
+    assert await store.outbox.claim(10.0, 60.0, limit=64) == []
+    assert round_trips(faults) == 1
+
+
+class LookThenWait:
+    """A deliveries collection whose look for due deliveries (a find without `claim`) waits,
+    once it has read, until as many claimers have looked as the barrier has parties."""
+
+    def __init__(self, target: Any, barrier: asyncio.Barrier, waited: list[int]) -> None:
+        self._target, self._barrier, self._waited = target, barrier, waited
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    def find(self, filt: Any, *args: Any, **kwargs: Any) -> Any:
+        cursor = self._target.find(filt, *args, **kwargs)
+        if "claim" in filt:
+            return cursor  # the read back
+        real_to_list, waited, barrier = cursor.to_list, self._waited, self._barrier
+
+        async def to_list(*a: Any) -> Any:
+            found = await real_to_list(*a)
+            waited.append(len(found))
+            await barrier.wait()
+            return found
+
+        cursor.to_list = to_list
+        return cursor
+
+
+class GatedDatabase:
+    def __init__(self, target: Any, deliveries: LookThenWait) -> None:
+        self._target, self._deliveries = target, deliveries
+        self.name = target.name
+
+    def __getitem__(self, name: str) -> Any:
+        return self._deliveries if name == "deliveries" else self._target[name]
+
+    def __getattr__(self, name: str) -> Any:
+        return self._deliveries if name == "deliveries" else getattr(self._target, name)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_claimers_that_found_the_same_deliveries_never_both_take_one():
+    """Both look before either takes: the take re-checks that each is still due, so what the
+    first took, the second does not get."""
+    mock = AsyncMongoMockClient()["site"]
+    looked, waited = asyncio.Barrier(2), []
+    gated = {"site": GatedDatabase(mock, LookThenWait(mock.deliveries, looked, waited))}
+    plain = MongoStore("mongodb://h/site", client={"site": mock})
+    await plain.open()
+    (nid,) = await received(plain)
+    published = await plain.notifications.publish(nid, [], True, TARGETS * 3, 5.0)
+    store = MongoStore("mongodb://h/site", client=gated)
+    await store.open()
+    first, second = await asyncio.gather(
+        store.outbox.claim(10.0, 60.0, limit=10), store.outbox.claim(10.0, 60.0, limit=10)
+    )
+    assert waited == [6, 6]  # both found all six before either took one
+    assert sorted(d.id for d in first + second) == sorted(d.id for d in published.deliveries)
+    assert {d.id for d in first}.isdisjoint(d.id for d in second)

@@ -32,55 +32,55 @@ async def test_a_restart_keeps_everything(tmp_path):
     path = str(tmp_path / "mrm-push.sqlite3")
     store = SqliteStore(path)
     await store.open()
-    epoch = await store.store_epoch()
-    await store.put_room("cal-1", "Kampala", ["t1", "t2"], T0)
-    await store.tombstone_token("cal-1", "t2", T0 + 1000, T0)
-    await store.set_sync_token("cal-1", "sync-1")
+    epoch = await store.meta.store_epoch()
+    await store.rooms.put("cal-1", "Kampala", ["t1", "t2"], T0)
+    await store.rooms.tombstone_token("cal-1", "t2", T0 + 1000, T0)
+    await store.channels.set_sync_token("cal-1", "sync-1")
     channel = make_channel("ch-1", "cal-1", state="active", expiration=T0 + 3600)
-    await store.insert_channel(channel)
-    await store.advance_message_number("ch-1", 4)
-    await store.enqueue_stop("ch-old", "res-old", "cal-1", T0)
+    await store.channels.insert(channel)
+    await store.channels.advance_message_number("ch-1", 4)
+    await store.channels.enqueue_stop("ch-old", "res-old", "cal-1", T0)
     first = await publish_new(store, "cal-1", [Target("fcm", "t1"), Target("backend")], T0)
     purged = await publish_new(store, "cal-1", [], T0)
-    waiting = await store.add_notification("cal-1", "webhook", "exists", T0 + 1, "ch-1", 5)
-    await store.finish_delivery(first.deliveries[1].id, "sent", T0 + 1)
-    assert await store.purge_notifications(T0 + 1, T0 + 1) == 1  # `purged` (seq 2) goes
-    (in_flight,) = await store.claim_deliveries(T0 + 2, T0 + 600)  # the crash comes now
+    waiting = await store.notifications.add("cal-1", "webhook", "exists", T0 + 1, "ch-1", 5)
+    await store.outbox.finish(first.deliveries[1].id, "sent", T0 + 1)
+    assert await store.notifications.purge(T0 + 1, T0 + 1) == 1  # `purged` (seq 2) goes
+    (in_flight,) = await store.outbox.claim(T0 + 2, T0 + 600)  # the crash comes now
     await store.close()
 
     store = SqliteStore(path)
     await store.open()
     try:
-        assert await store.store_epoch() == epoch
-        room = await store.get_room("cal-1")
+        assert await store.meta.store_epoch() == epoch
+        room = await store.rooms.get("cal-1")
         assert (room.name, room.firebase_tokens) == ("Kampala", ("t1",))
-        assert await store.tombstoned_tokens("cal-1", T0 + 2) == {"t2"}
-        assert await store.get_sync_token("cal-1") == "sync-1"
+        assert await store.rooms.tombstoned_tokens("cal-1", T0 + 2) == {"t2"}
+        assert await store.channels.get_sync_token("cal-1") == "sync-1"
         assert (
-            await store.get_channel("ch-1")
+            await store.channels.get("ch-1")
         ).last_message_number == 5  # raised by notification 5
-        assert [s.channel_id for s in await store.list_stops()] == ["ch-old"]
-        assert await store.get_notification(purged.id) is None
-        assert await store.purged_through_seq() == 2
-        assert await store.last_seq() == 2
-        assert [n.id for n in await store.received_notifications()] == [waiting.id]
-        stored_first = await store.get_notification(first.id)
+        assert [s.channel_id for s in await store.channels.list_stops()] == ["ch-old"]
+        assert await store.notifications.get(purged.id) is None
+        assert await store.notifications.purged_through_seq() == 2
+        assert await store.notifications.last_seq() == 2
+        assert [n.id for n in await store.notifications.received()] == [waiting.id]
+        stored_first = await store.notifications.get(first.id, with_deliveries=True)
         assert stored_first.seq == 1
         assert [d.state for d in stored_first.deliveries] == ["in_flight", "sent"]
 
         # The worker's claim died with the process: released at start, then claimable.
-        assert await store.claim_deliveries(T0 + 3, T0 + 60) == []
-        assert await store.release_claims() == 1
-        (again,) = await store.claim_deliveries(T0 + 3, T0 + 60)
+        assert await store.outbox.claim(T0 + 3, T0 + 60) == []
+        assert await store.outbox.release_claims() == 1
+        (again,) = await store.outbox.claim(T0 + 3, T0 + 60)
         assert again.id == in_flight.id
 
         # Counters go on: no id or seq is given twice.
-        published = await store.publish_notification(waiting.id, [], True, [], T0 + 4)
+        published = await store.notifications.publish(waiting.id, [], True, [], T0 + 4)
         assert published.seq == 3
-        newer = await store.add_notification("cal-1", "poll", "exists", T0 + 5)
+        newer = await store.notifications.add("cal-1", "poll", "exists", T0 + 5)
         assert newer.id > waiting.id > purged.id
         with pytest.raises(StoreError):  # DuplicateNotification survives the restart too
-            await store.add_notification("cal-1", "webhook", "exists", T0 + 6, "ch-1", 5)
+            await store.notifications.add("cal-1", "webhook", "exists", T0 + 6, "ch-1", 5)
     finally:
         await store.close()
 
@@ -203,12 +203,12 @@ async def test_a_locked_database_is_unavailable_not_broken(tmp_path):
     try:
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreUnavailable, match="locked"):
-            await store.put_room("cal-1", "R", [], T0)
+            await store.rooms.put("cal-1", "R", [], T0)
         with pytest.raises(StoreUnavailable, match="locked"):
-            await store.add_notification("cal-1", "poll", "exists", T0)
-        assert await store.get_room("cal-1") is None  # WAL: reads go on
+            await store.notifications.add("cal-1", "poll", "exists", T0)
+        assert await store.rooms.get("cal-1") is None  # WAL: reads go on
         other.execute("ROLLBACK")
-        _, created = await store.put_room("cal-1", "R", [], T0)
+        _, created = await store.rooms.put("cal-1", "R", [], T0)
         assert created
     finally:
         other.close()
@@ -227,7 +227,7 @@ async def test_a_closed_store_says_so(tmp_path):
     with pytest.raises(StoreUnavailable):
         await store.ping()
     with pytest.raises(StoreError):
-        await store.get_room("cal-1")
+        await store.rooms.get("cal-1")
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -239,19 +239,19 @@ async def test_a_cancelled_call_leaves_all_or_nothing(tmp_path):
     try:
         targets = [Target("fcm", "t1"), Target("backend")]
         for ticks in range(12):
-            n = await store.add_notification("cal-1", "poll", "exists", T0)
-            task = asyncio.ensure_future(store.publish_notification(n.id, [], True, targets, T0))
+            n = await store.notifications.add("cal-1", "poll", "exists", T0)
+            task = asyncio.ensure_future(store.notifications.publish(n.id, [], True, targets, T0))
             for _ in range(ticks):
                 await asyncio.sleep(0)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            stored = await store.get_notification(n.id)
+            stored = await store.notifications.get(n.id, with_deliveries=True)
             if stored.state == "published":
                 assert stored.seq is not None and len(stored.deliveries) == 2
             else:
                 assert stored.state == "received" and stored.deliveries == ()
-            await store.put_room("cal-1", "R", [], T0)  # the connection still works
-        assert await store.count_deliveries() == 2 * await store.last_seq()
+            await store.rooms.put("cal-1", "R", [], T0)  # the connection still works
+        assert await store.outbox.count() == 2 * await store.notifications.last_seq()
     finally:
         await store.close()
 
@@ -261,8 +261,8 @@ async def test_migration_2_counts_the_stops_a_version_1_file_holds(tmp_path):
     path = str(tmp_path / "mrm-push.sqlite3")
     store = SqliteStore(path)
     await store.open()
-    await store.enqueue_stop("ch-1", "res-1", "cal-1", T0)
-    await store.enqueue_stop("ch-2", "res-2", None, T0)
+    await store.channels.enqueue_stop("ch-1", "res-1", "cal-1", T0)
+    await store.channels.enqueue_stop("ch-2", "res-2", None, T0)
     await store.close()
     # Back to what version 1 had: no stopped_channels, no counts, no triggers.
     with sqlite3.connect(path) as raw:
@@ -276,9 +276,9 @@ async def test_migration_2_counts_the_stops_a_version_1_file_holds(tmp_path):
     store = SqliteStore(path)
     await store.open()
     try:
-        assert await store.count_stops() == 2
-        assert await store.enqueue_unknown_stop("ch-3", "res-3", T0, 3) == "queued"
-        assert await store.enqueue_unknown_stop("ch-4", "res-4", T0, 3) == "full"
+        assert await store.channels.count_stops() == 2
+        assert await store.channels.enqueue_unknown_stop("ch-3", "res-3", T0, 3) == "queued"
+        assert await store.channels.enqueue_unknown_stop("ch-4", "res-4", T0, 3) == "full"
     finally:
         await store.close()
 
@@ -296,7 +296,7 @@ async def test_migration_4_indexes_the_outbox_count_of_a_version_3_file(tmp_path
     store = SqliteStore(path)
     await store.open()
     try:
-        assert await store.delivery_counts() == {("pending", "fcm"): 1, ("pending", "backend"): 1}
+        assert await store.outbox.counts() == {("pending", "fcm"): 1, ("pending", "backend"): 1}
     finally:
         await store.close()
     with sqlite3.connect(path) as raw:
@@ -322,15 +322,15 @@ async def test_the_wal_is_bounded_and_maintain_truncates_it(tmp_path):
     try:
         # One big commit (2 MB of tokens in one room) makes the WAL that big...
         tokens = [f"token-{i:05d}-" + "x" * 180 for i in range(10_000)]
-        await store.put_room("cal-big", "R", tokens, T0)
+        await store.rooms.put("cal-big", "R", tokens, T0)
         assert size(wal) > 2_000_000
         # ...and the next commits find it checkpointed and cut it back to the limit.
         for n in range(3):
-            await store.put_room(f"cal-{n}", "R", ["t"], T0)
+            await store.rooms.put(f"cal-{n}", "R", ["t"], T0)
         assert size(wal) <= 1024 * 1024 + 64 * 1024
         await store.maintain()
         assert size(wal) == 0
-        room = await store.get_room("cal-big")
+        room = await store.rooms.get("cal-big")
         assert room is not None and len(room.firebase_tokens) == 10_000
     finally:
         await store.close()

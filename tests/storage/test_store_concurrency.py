@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.base import DuplicateNotification, Store, Target
+from storage.base import DuplicateNotification, Target
+from storage.protocols import Store
 from storage.sqlite import SqliteStore
 from tests.storage.helpers import T0, claim_all, duplicates, publish_new
 
@@ -34,9 +35,9 @@ async def publish_while_reading(
         # A few in flight at a time: with all of them queued at once, the reader's calls
         # would only come after the last publish and prove nothing.
         async with in_flight:
-            added = await store.add_notification(f"cal-{i % 3}", "poll", "exists", T0)
+            added = await store.notifications.add(f"cal-{i % 3}", "poll", "exists", T0)
             await asyncio.sleep(0)
-            published = await store.publish_notification(
+            published = await store.notifications.publish(
                 added.id, [{"event_id": f"ev{i}"}], False, [Target("backend")], T0
             )
         assert published.seq is not None
@@ -46,7 +47,7 @@ async def publish_while_reading(
         after = 0
         while True:
             finished = done.is_set()  # read once more after the last publish
-            page = await reader.list_notifications(after=after, limit=3)
+            page = await reader.notifications.list(after=after, limit=3)
             seen.extend(n.seq for n in page if n.seq is not None)
             if page:
                 after = page[-1].seq or after
@@ -72,10 +73,10 @@ async def test_seq_has_no_gap_under_concurrent_publishers(store):
     assert sorted(given_seqs) == list(range(1, count + 1))
     # The reader never skipped one that became visible later, and saw none twice.
     assert seen == list(range(1, count + 1))
-    assert await store.last_seq() == count
-    listed = await store.list_notifications(limit=count)
+    assert await store.notifications.last_seq() == count
+    listed = await store.notifications.list(limit=count)
     assert [n.seq for n in listed] == list(range(1, count + 1))
-    assert await store.count_deliveries("pending") == count
+    assert await store.outbox.count("pending") == count
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -108,10 +109,26 @@ async def test_concurrent_claimers_never_share_a_delivery(store, backend):
     if not backend.concurrent:
         pytest.skip(MOCK_REASON)
     every = await _make_deliveries(store, 20, 3)
-    counts = await claim_all([store.claim_deliveries] * 6, T0, T0 + 60, limit=4)
+    counts = await claim_all([store.outbox.claim] * 6, T0, T0 + 60, limit=4)
     assert duplicates(counts) == {}
     assert set(counts) == every  # every delivery claimed exactly once
-    assert await store.count_deliveries("in_flight") == len(every)
+    assert await store.outbox.count("in_flight") == len(every)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_concurrent_claimers_never_share_a_delivery_on_mongodb_when_calls_interleave():
+    """mongomock with every call yielding a few turns of the loop, as a server does: six
+    claimers, each claim a look, a conditional take and a read back, interleaved."""
+    from storage.mongo import MongoStore
+    from tests.storage.test_mongo_specific import Faults, FlakyClient
+
+    store = MongoStore("mongodb://h/site", client=FlakyClient(Faults()))
+    await store.open()
+    every = await _make_deliveries(store, 20, 3)
+    counts = await claim_all([store.outbox.claim] * 6, T0, T0 + 60, limit=4)
+    assert duplicates(counts) == {}
+    assert set(counts) == every
+    assert await store.outbox.count("in_flight") == len(every)
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -122,7 +139,7 @@ async def test_concurrent_claimers_on_two_sqlite_connections(tmp_path):
     await second.open()
     try:
         every = await _make_deliveries(first, 20, 3)
-        claims = [first.claim_deliveries, second.claim_deliveries] * 3
+        claims = [first.outbox.claim, second.outbox.claim] * 3
         counts = await claim_all(claims, T0, T0 + 60, limit=4)
     finally:
         await first.close()
@@ -155,8 +172,8 @@ async def test_the_duplicate_check_catches_a_broken_claimer(tmp_path, monkeypatc
             )
             return [SimpleNamespace(id=i) for i in ids]
 
-        monkeypatch.setattr(store, "claim_deliveries", broken_claim)
-        counts = await claim_all([store.claim_deliveries] * 6, T0, T0 + 60, limit=4)
+        monkeypatch.setattr(store.outbox, "claim", broken_claim)
+        counts = await claim_all([store.outbox.claim] * 6, T0, T0 + 60, limit=4)
     finally:
         await raw.close()
         await store.close()
@@ -194,9 +211,9 @@ async def _check_ids_and_seqs(store: Store, ops: list[tuple]) -> None:
             message_number = number if channel else None
             if channel and (channel, number) in pairs:
                 with pytest.raises(DuplicateNotification):
-                    await store.add_notification("c", source, "exists", now, channel, number)
+                    await store.notifications.add("c", source, "exists", now, channel, number)
                 continue
-            added = await store.add_notification(
+            added = await store.notifications.add(
                 "c", source, "exists", now, channel, message_number
             )
             assert added.id > last_id  # strictly increasing, never reused
@@ -209,25 +226,25 @@ async def _check_ids_and_seqs(store: Store, ops: list[tuple]) -> None:
         elif op[0] in ("publish", "skip") and waiting:
             nid = waiting.pop(op[1] % len(waiting))
             if op[0] == "publish":
-                published = await store.publish_notification(nid, [], True, [], now)
+                published = await store.notifications.publish(nid, [], True, [], now)
                 seq += 1
                 assert published.seq == seq  # the next value, in publication order
                 settled[nid] = now
             else:
-                await store.skip_notification(nid, now)
+                await store.notifications.skip(nid, now)
                 settled[nid] = received_at[nid]  # a skipped one goes by when it came
         elif op[0] == "purge":
             cutoff = now - op[1]
             gone = {nid for nid, when in settled.items() if when < cutoff}
-            assert await store.purge_notifications(cutoff, cutoff) == len(gone)
+            assert await store.notifications.purge(cutoff, cutoff) == len(gone)
             for nid in gone:
                 del settled[nid]
                 pairs.discard(stored_pair.pop(nid, ("", 0)))
-    assert await store.last_seq() == seq
-    assert [n.id for n in await store.received_notifications()] == waiting
-    listed = await store.list_notifications(include_unpublished=True, limit=1000)
+    assert await store.notifications.last_seq() == seq
+    assert [n.id for n in await store.notifications.received()] == waiting
+    listed = await store.notifications.list(include_unpublished=True, limit=1000)
     assert [n.id for n in listed] == sorted(set(waiting) | set(settled))
-    seqs = [n.seq for n in await store.list_notifications(limit=1000)]
+    seqs = [n.seq for n in await store.notifications.list(limit=1000)]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 

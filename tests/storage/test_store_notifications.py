@@ -17,7 +17,7 @@ BACKEND = Target("backend")
 
 @pytest.mark.gen_test(timeout=10)
 async def test_add_notification_stores_it_as_received(store):
-    n = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 7)
+    n = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 7)
     assert (n.calendar_id, n.source, n.resource_state) == ("cal-1", "webhook", "exists")
     assert (n.channel_id, n.message_number, n.received_at) == ("ch-1", 7, T0)
     assert n.state == "received"
@@ -29,50 +29,50 @@ async def test_add_notification_stores_it_as_received(store):
         (),
     )
     assert isinstance(n.id, int) and n.id > 0
-    assert await store.get_notification(n.id) == n
-    assert await store.get_notification(n.id + 1000) is None
+    assert await store.notifications.get(n.id) == n
+    assert await store.notifications.get(n.id + 1000) is None
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_a_webhook_notification_raises_its_channels_number(store):
-    await store.insert_channel(make_channel("ch-1", "cal-1"))
-    await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 7)
-    assert (await store.get_channel("ch-1")).last_message_number == 7
-    await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 5)  # late, lower
-    assert (await store.get_channel("ch-1")).last_message_number == 7
+    await store.channels.insert(make_channel("ch-1", "cal-1"))
+    await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 7)
+    assert (await store.channels.get("ch-1")).last_message_number == 7
+    await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 5)  # late, lower
+    assert (await store.channels.get("ch-1")).last_message_number == 7
     with pytest.raises(DuplicateNotification):
-        await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 7)
-    await store.add_notification("cal-1", "poll", "exists", T0)
-    assert (await store.get_channel("ch-1")).last_message_number == 7
+        await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 7)
+    await store.notifications.add("cal-1", "poll", "exists", T0)
+    assert (await store.channels.get("ch-1")).last_message_number == 7
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_received_notifications_of_one_calendar(store):
-    a = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 1)
-    b = await store.add_notification("cal-2", "webhook", "exists", T0, "ch-2", 1)
-    c = await store.add_notification("cal-1", "poll", "exists", T0)
-    assert [n.id for n in await store.received_notifications(calendar_id="cal-1")] == [a.id, c.id]
-    assert [n.id for n in await store.received_notifications(calendar_id="cal-2")] == [b.id]
-    assert [n.id for n in await store.received_notifications(1, calendar_id="cal-1")] == [a.id]
-    assert await store.received_notifications(calendar_id="cal-3") == []
+    a = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 1)
+    b = await store.notifications.add("cal-2", "webhook", "exists", T0, "ch-2", 1)
+    c = await store.notifications.add("cal-1", "poll", "exists", T0)
+    assert [n.id for n in await store.notifications.received(calendar_id="cal-1")] == [a.id, c.id]
+    assert [n.id for n in await store.notifications.received(calendar_id="cal-2")] == [b.id]
+    assert [n.id for n in await store.notifications.received(1, calendar_id="cal-1")] == [a.id]
+    assert await store.notifications.received(calendar_id="cal-3") == []
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_ids_increase_and_duplicates_are_refused(store):
-    a = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 2)
-    b = await store.add_notification("cal-1", "webhook", "not_exists", T0, "ch-1", 3)
-    c = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-2", 2)  # other channel
+    a = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 2)
+    b = await store.notifications.add("cal-1", "webhook", "not_exists", T0, "ch-1", 3)
+    c = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-2", 2)  # other channel
     # Poll notifications have no channel nor number: they never collide with each other.
-    d = await store.add_notification("cal-1", "poll", "exists", T0)
-    e = await store.add_notification("cal-1", "poll", "exists", T0)
+    d = await store.notifications.add("cal-1", "poll", "exists", T0)
+    e = await store.notifications.add("cal-1", "poll", "exists", T0)
     assert a.id < b.id < c.id < d.id < e.id
     assert (d.channel_id, d.message_number) == (None, None)
 
     with pytest.raises(DuplicateNotification):
-        await store.add_notification("cal-1", "webhook", "exists", T0 + 1, "ch-1", 2)
-    f = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 4)
+        await store.notifications.add("cal-1", "webhook", "exists", T0 + 1, "ch-1", 2)
+    f = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 4)
     assert f.id > e.id
-    assert [n.id for n in await store.received_notifications()] == [
+    assert [n.id for n in await store.notifications.received()] == [
         a.id,
         b.id,
         c.id,
@@ -85,34 +85,34 @@ async def test_ids_increase_and_duplicates_are_refused(store):
 @pytest.mark.gen_test(timeout=10)
 async def test_ids_are_never_reused_after_a_purge(store):
     first = await publish_new(store, "cal-1", [], T0)
-    newest = await store.add_notification("cal-1", "poll", "exists", T0)
-    await store.skip_notification(newest.id, T0)
-    assert await store.purge_notifications(T0 + 1, T0 + 1) == 2
-    assert await store.get_notification(newest.id) is None
+    newest = await store.notifications.add("cal-1", "poll", "exists", T0)
+    await store.notifications.skip(newest.id, T0)
+    assert await store.notifications.purge(T0 + 1, T0 + 1) == 2
+    assert await store.notifications.get(newest.id) is None
 
-    again = await store.add_notification("cal-1", "poll", "exists", T0 + 2)
+    again = await store.notifications.add("cal-1", "poll", "exists", T0 + 2)
     assert again.id > newest.id > first.id
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_received_notifications_are_the_waiting_ones_oldest_first(store):
-    ids = [(await store.add_notification("cal-1", "poll", "exists", T0)).id for _ in range(5)]
-    await store.publish_notification(ids[1], [], True, [], T0)
-    await store.skip_notification(ids[3], T0)
-    assert [n.id for n in await store.received_notifications()] == [ids[0], ids[2], ids[4]]
-    assert [n.id for n in await store.received_notifications(limit=2)] == [ids[0], ids[2]]
-    assert all(n.state == "received" for n in await store.received_notifications())
+    ids = [(await store.notifications.add("cal-1", "poll", "exists", T0)).id for _ in range(5)]
+    await store.notifications.publish(ids[1], [], True, [], T0)
+    await store.notifications.skip(ids[3], T0)
+    assert [n.id for n in await store.notifications.received()] == [ids[0], ids[2], ids[4]]
+    assert [n.id for n in await store.notifications.received(limit=2)] == [ids[0], ids[2]]
+    assert all(n.state == "received" for n in await store.notifications.received())
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_publish_gives_seq_and_deliveries(store):
-    assert await store.last_seq() == 0
-    n = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 5)
+    assert await store.notifications.last_seq() == 0
+    n = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 5)
     changes = [
         {"event_id": "ev1", "status": "confirmed", "updated": "2027-01-15T08:00:00.000Z"},
         {"event_id": "ev2", "status": "cancelled"},
     ]
-    published = await store.publish_notification(n.id, changes, False, [FCM1, BACKEND], T0 + 1)
+    published = await store.notifications.publish(n.id, changes, False, [FCM1, BACKEND], T0 + 1)
     assert published.id == n.id and published.state == "published"
     assert published.seq == 1 and published.published_at == T0 + 1
     assert published.changes == tuple(changes) and published.full_resync is False
@@ -131,49 +131,49 @@ async def test_publish_gives_seq_and_deliveries(store):
             None,
         )
         assert (d.created_at, d.lease_until) == (T0 + 1, None)
-    assert await store.get_notification(n.id) == published
-    assert await store.last_seq() == 1
-    assert await store.received_notifications() == []
+    assert await store.notifications.get(n.id, with_deliveries=True) == published
+    assert await store.notifications.last_seq() == 1
+    assert await store.notifications.received() == []
 
-    resync = await store.add_notification("cal-1", "poll", "exists", T0 + 2)
-    resync = await store.publish_notification(resync.id, [], True, [], T0 + 3)
+    resync = await store.notifications.add("cal-1", "poll", "exists", T0 + 2)
+    resync = await store.notifications.publish(resync.id, [], True, [], T0 + 3)
     assert resync.seq == 2 and resync.full_resync is True and resync.deliveries == ()
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_seq_follows_publication_order_not_id_order(store):
-    a = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 1)
-    b = await store.add_notification("cal-2", "webhook", "exists", T0, "ch-2", 1)
-    c = await store.add_notification("cal-1", "poll", "exists", T0)
-    assert (await store.publish_notification(b.id, [], True, [], T0)).seq == 1
-    assert (await store.publish_notification(c.id, [], True, [], T0)).seq == 2
-    assert (await store.publish_notification(a.id, [], True, [], T0)).seq == 3
-    listed = await store.list_notifications()
+    a = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 1)
+    b = await store.notifications.add("cal-2", "webhook", "exists", T0, "ch-2", 1)
+    c = await store.notifications.add("cal-1", "poll", "exists", T0)
+    assert (await store.notifications.publish(b.id, [], True, [], T0)).seq == 1
+    assert (await store.notifications.publish(c.id, [], True, [], T0)).seq == 2
+    assert (await store.notifications.publish(a.id, [], True, [], T0)).seq == 3
+    listed = await store.notifications.list()
     assert [(n.id, n.seq) for n in listed] == [(b.id, 1), (c.id, 2), (a.id, 3)]
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_publishing_twice_returns_the_stored_notification(store):
-    n = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 1)
-    first = await store.publish_notification(n.id, [{"event_id": "a"}], False, [FCM1], T0)
-    second = await store.publish_notification(
+    n = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 1)
+    first = await store.notifications.publish(n.id, [{"event_id": "a"}], False, [FCM1], T0)
+    second = await store.notifications.publish(
         n.id, [{"event_id": "b"}], True, [FCM1, FCM2, BACKEND], T0 + 9
     )
     assert second == first
-    assert await store.last_seq() == 1
-    assert await store.count_deliveries() == 1
+    assert await store.notifications.last_seq() == 1
+    assert await store.outbox.count() == 1
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_skip_keeps_it_for_operators_only(store):
-    n = await store.add_notification("cal-1", "webhook", "exists", T0, "ch-1", 1)
-    await store.skip_notification(n.id, T0 + 1)
-    skipped = await store.get_notification(n.id)
+    n = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 1)
+    await store.notifications.skip(n.id, T0 + 1)
+    skipped = await store.notifications.get(n.id)
     assert skipped.state == "skipped" and skipped.seq is None and skipped.deliveries == ()
-    assert await store.last_seq() == 0
-    assert await store.list_notifications() == []
-    assert [x.id for x in await store.list_notifications(include_unpublished=True)] == [n.id]
-    assert await store.received_notifications() == []
+    assert await store.notifications.last_seq() == 0
+    assert await store.notifications.list() == []
+    assert [x.id for x in await store.notifications.list(include_unpublished=True)] == [n.id]
+    assert await store.notifications.received() == []
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -182,12 +182,12 @@ async def test_list_notifications_filters(store):
     made = {}
     for i, calendar_id in enumerate(["a", "b", "a", "c", "a", "b"], start=1):
         made[i] = await publish_new(store, calendar_id, [Target("fcm", f"t{i}")], T0 + i)
-    waiting = await store.add_notification("a", "poll", "exists", T0 + 10)
-    skipped = await store.add_notification("b", "poll", "exists", T0 + 11)
-    await store.skip_notification(skipped.id, T0 + 11)
+    waiting = await store.notifications.add("a", "poll", "exists", T0 + 10)
+    skipped = await store.notifications.add("b", "poll", "exists", T0 + 11)
+    await store.notifications.skip(skipped.id, T0 + 11)
 
     async def seqs(**filters):
-        return [n.seq for n in await store.list_notifications(**filters)]
+        return [n.seq for n in await store.notifications.list(**filters)]
 
     assert await seqs() == [1, 2, 3, 4, 5, 6]
     assert await seqs(calendar_id="a") == [1, 3, 5]
@@ -201,17 +201,17 @@ async def test_list_notifications_filters(store):
     assert await seqs(after=1, limit=2) == [2, 3]
     assert await seqs(calendar_id="a", after=1, limit=1) == [3]
 
-    listed = await store.list_notifications(calendar_id="c")
+    listed = await store.notifications.list(calendar_id="c", with_deliveries=True)
     assert listed == [made[4]]  # with its deliveries
     assert [d.target for d in listed[0].deliveries] == [Target("fcm", "t4")]
 
-    everything = await store.list_notifications(include_unpublished=True)
+    everything = await store.notifications.list(include_unpublished=True)
     ids = [n.id for n in everything]
     assert ids == sorted(ids) and len(ids) == 8
     assert {n.state for n in everything} == {"published", "received", "skipped"}
-    on_a = await store.list_notifications(calendar_id="a", include_unpublished=True)
+    on_a = await store.notifications.list(calendar_id="a", include_unpublished=True)
     assert [n.id for n in on_a] == [made[1].id, made[3].id, made[5].id, waiting.id]
-    bounded = await store.list_notifications(
+    bounded = await store.notifications.list(
         include_unpublished=True, after=made[2].id, up_to=waiting.id, limit=3
     )
     assert [n.id for n in bounded] == [made[3].id, made[4].id, made[5].id]  # bounds are ids
@@ -222,54 +222,56 @@ async def test_purge_rules(store):
     old, recent = T0, T0 + 1000
     cutoff = T0 + 500
     done = await publish_new(store, "cal-1", [FCM1, BACKEND], old)  # seq 1
-    await store.finish_delivery(done.deliveries[0].id, "sent", old)
-    await store.finish_delivery(done.deliveries[1].id, "failed", old, last_error="gave up")
+    await store.outbox.finish(done.deliveries[0].id, "sent", old)
+    await store.outbox.finish(done.deliveries[1].id, "failed", old, last_error="gave up")
     claimed_busy = await publish_new(store, "cal-1", [FCM1], old)  # seq 2, in flight
-    assert len(await store.claim_deliveries(old, old + 30)) == 1
+    assert len(await store.outbox.claim(old, old + 30)) == 1
     busy = await publish_new(store, "cal-1", [FCM1, FCM2], old)  # seq 3, one still pending
-    await store.finish_delivery(busy.deliveries[0].id, "cancelled", old)
+    await store.outbox.finish(busy.deliveries[0].id, "cancelled", old)
     no_targets = await publish_new(store, "cal-1", [], old)  # seq 4
     fresh = await publish_new(store, "cal-1", [FCM1], recent)  # seq 5
-    await store.finish_delivery(fresh.deliveries[0].id, "sent", recent)
-    skipped_old = await store.add_notification("cal-1", "poll", "exists", old)
-    await store.skip_notification(skipped_old.id, old)
-    skipped_new = await store.add_notification("cal-1", "poll", "exists", recent)
-    await store.skip_notification(skipped_new.id, recent)
-    waiting = await store.add_notification("cal-1", "poll", "exists", old)  # never purged
+    await store.outbox.finish(fresh.deliveries[0].id, "sent", recent)
+    skipped_old = await store.notifications.add("cal-1", "poll", "exists", old)
+    await store.notifications.skip(skipped_old.id, old)
+    skipped_new = await store.notifications.add("cal-1", "poll", "exists", recent)
+    await store.notifications.skip(skipped_new.id, recent)
+    waiting = await store.notifications.add("cal-1", "poll", "exists", old)  # never purged
 
-    assert await store.purged_through_seq() == 0
-    assert await store.purge_notifications(cutoff, cutoff) == 3
+    assert await store.notifications.purged_through_seq() == 0
+    assert await store.notifications.purge(cutoff, cutoff) == 3
 
     gone = {done.id, no_targets.id, skipped_old.id}
     kept = {busy.id, claimed_busy.id, fresh.id, skipped_new.id, waiting.id}
     for nid in gone:
-        assert await store.get_notification(nid) is None
+        assert await store.notifications.get(nid) is None
     for nid in kept:
-        assert await store.get_notification(nid) is not None
-    assert await store.purged_through_seq() == 4
-    assert await store.last_seq() == 5
-    assert [n.seq for n in await store.list_notifications()] == [2, 3, 5]
-    assert await store.count_deliveries() == 4  # done's two deliveries went with it
+        assert await store.notifications.get(nid) is not None
+    assert await store.notifications.purged_through_seq() == 4
+    assert await store.notifications.last_seq() == 5
+    assert [n.seq for n in await store.notifications.list()] == [2, 3, 5]
+    assert await store.outbox.count() == 4  # done's two deliveries went with it
 
     # Everything received before far in the future: still never a `received` one.
-    await store.finish_delivery(busy.deliveries[1].id, "sent", recent)
-    assert await store.purge_notifications(recent + 1, recent + 1) == 3  # busy, fresh, skipped_new
-    assert await store.purged_through_seq() == 5  # claimed_busy (seq 2) is still in flight
-    assert [n.id for n in await store.received_notifications()] == [waiting.id]
-    assert await store.purge_notifications(recent + 1, recent + 1) == 0
+    await store.outbox.finish(busy.deliveries[1].id, "sent", recent)
+    assert await store.notifications.purge(recent + 1, recent + 1) == 3  # busy, fresh, skipped_new
+    assert (
+        await store.notifications.purged_through_seq() == 5
+    )  # claimed_busy (seq 2) is still in flight
+    assert [n.id for n in await store.notifications.received()] == [waiting.id]
+    assert await store.notifications.purge(recent + 1, recent + 1) == 0
 
     # A later purge of a lower seq does not move the mark back.
-    for d in (await store.get_notification(claimed_busy.id)).deliveries:
-        await store.finish_delivery(d.id, "sent", recent)
-    assert await store.purge_notifications(recent + 1, recent + 1) == 1
-    assert await store.purged_through_seq() == 5
+    for d in (await store.notifications.get(claimed_busy.id, with_deliveries=True)).deliveries:
+        await store.outbox.finish(d.id, "sent", recent)
+    assert await store.notifications.purge(recent + 1, recent + 1) == 1
+    assert await store.notifications.purged_through_seq() == 5
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_purge_keeps_published_within_retention(store):
     n = await publish_new(store, "cal-1", [], T0)
-    assert await store.purge_notifications(T0, T0 + 10_000) == 0  # published at T0, not before
-    assert await store.get_notification(n.id) is not None
+    assert await store.notifications.purge(T0, T0 + 10_000) == 0  # published at T0, not before
+    assert await store.notifications.get(n.id) is not None
 
 
 # -- delivery outbox -------------------------------------------------------------------------
@@ -281,29 +283,29 @@ async def test_claim_takes_due_deliveries_oldest_first(store):
     d = [x.id for x in n.deliveries]
     # Spread their due times: d3 earliest, then d1, d0; d2 and d4 not due until later.
     for delivery_id, due in [(d[3], T0 + 1), (d[1], T0 + 2), (d[0], T0 + 3)]:
-        await store.finish_delivery(delivery_id, "pending", T0, attempts=1, next_attempt_at=due)
+        await store.outbox.finish(delivery_id, "pending", T0, attempts=1, next_attempt_at=due)
     for delivery_id in (d[2], d[4]):
-        await store.finish_delivery(delivery_id, "pending", T0, attempts=1, next_attempt_at=T0 + 50)
+        await store.outbox.finish(delivery_id, "pending", T0, attempts=1, next_attempt_at=T0 + 50)
 
-    assert await store.claim_deliveries(T0 + 0.5, T0 + 100) == []
-    first = await store.claim_deliveries(T0 + 10, T0 + 40, limit=2)
+    assert await store.outbox.claim(T0 + 0.5, T0 + 100) == []
+    first = await store.outbox.claim(T0 + 10, T0 + 40, limit=2)
     assert [x.id for x in first] == [d[3], d[1]]
     for x in first:
         assert x.state == "in_flight" and x.lease_until == T0 + 40
         assert x.attempts == 1  # claiming is not an attempt; the worker counts them
-    second = await store.claim_deliveries(T0 + 10, T0 + 40, limit=10)
+    second = await store.outbox.claim(T0 + 10, T0 + 40, limit=10)
     assert [x.id for x in second] == [d[0]]
-    assert await store.claim_deliveries(T0 + 10, T0 + 40, limit=10) == []
-    assert await store.count_deliveries("in_flight") == 3
-    assert await store.count_deliveries("pending") == 2
+    assert await store.outbox.claim(T0 + 10, T0 + 40, limit=10) == []
+    assert await store.outbox.count("in_flight") == 3
+    assert await store.outbox.count("pending") == 2
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_claim_by_kind(store):
     n = await publish_new(store, "cal-1", [FCM1, BACKEND, FCM2], T0)
-    backend_only = await store.claim_deliveries(T0, T0 + 30, kind="backend")
+    backend_only = await store.outbox.claim(T0, T0 + 30, kind="backend")
     assert [x.target for x in backend_only] == [BACKEND]
-    fcm = await store.claim_deliveries(T0, T0 + 30, kind="fcm")
+    fcm = await store.outbox.claim(T0, T0 + 30, kind="fcm")
     assert [x.target for x in fcm] == [FCM1, FCM2]
     assert {x.id for x in backend_only + fcm} == {x.id for x in n.deliveries}
 
@@ -311,9 +313,9 @@ async def test_claim_by_kind(store):
 @pytest.mark.gen_test(timeout=10)
 async def test_expired_lease_makes_a_delivery_claimable_again(store):
     await publish_new(store, "cal-1", [FCM1], T0)
-    (claimed,) = await store.claim_deliveries(T0, T0 + 30)
-    assert await store.claim_deliveries(T0 + 29, T0 + 60) == []
-    (again,) = await store.claim_deliveries(T0 + 31, T0 + 90)
+    (claimed,) = await store.outbox.claim(T0, T0 + 30)
+    assert await store.outbox.claim(T0 + 29, T0 + 60) == []
+    (again,) = await store.outbox.claim(T0 + 31, T0 + 90)
     assert again.id == claimed.id and again.lease_until == T0 + 90
     assert again.state == "in_flight"
 
@@ -321,12 +323,12 @@ async def test_expired_lease_makes_a_delivery_claimable_again(store):
 @pytest.mark.gen_test(timeout=10)
 async def test_release_claims(store):
     await publish_new(store, "cal-1", [FCM1, FCM2, BACKEND], T0)
-    assert await store.release_claims() == 0
-    claimed = await store.claim_deliveries(T0, T0 + 300, limit=2)
-    assert await store.release_claims() == 2
-    assert await store.count_deliveries("in_flight") == 0
-    assert await store.count_deliveries("pending") == 3
-    again = await store.claim_deliveries(T0 + 1, T0 + 300)  # long before the old lease ends
+    assert await store.outbox.release_claims() == 0
+    claimed = await store.outbox.claim(T0, T0 + 300, limit=2)
+    assert await store.outbox.release_claims() == 2
+    assert await store.outbox.count("in_flight") == 0
+    assert await store.outbox.count("pending") == 3
+    again = await store.outbox.claim(T0 + 1, T0 + 300)  # long before the old lease ends
     assert {x.id for x in claimed} <= {x.id for x in again}
     assert len(again) == 3
 
@@ -335,9 +337,9 @@ async def test_release_claims(store):
 async def test_finish_delivery_outcomes(store):
     n = await publish_new(store, "cal-1", [FCM1, FCM2, BACKEND], T0)
     d_sent, d_failed, d_retry = (x.id for x in n.deliveries)
-    await store.claim_deliveries(T0, T0 + 30)
+    await store.outbox.claim(T0, T0 + 30)
 
-    sent = await store.finish_delivery(d_sent, "sent", T0 + 1, attempts=1)
+    sent = await store.outbox.finish(d_sent, "sent", T0 + 1, attempts=1)
     assert (sent.state, sent.attempts, sent.updated_at, sent.lease_until) == (
         "sent",
         1,
@@ -345,44 +347,46 @@ async def test_finish_delivery_outcomes(store):
         None,
     )
 
-    failed = await store.finish_delivery(
+    failed = await store.outbox.finish(
         d_failed, "failed", T0 + 2, attempts=1, last_error="INVALID_ARGUMENT: bad payload"
     )
     assert failed.state == "failed" and failed.last_error == "INVALID_ARGUMENT: bad payload"
 
-    retry = await store.finish_delivery(
+    retry = await store.outbox.finish(
         d_retry, "pending", T0 + 3, attempts=1, next_attempt_at=T0 + 60, last_error="503"
     )
     assert (retry.state, retry.attempts, retry.next_attempt_at) == ("pending", 1, T0 + 60)
     assert retry.last_error == "503" and retry.lease_until is None
-    assert await store.next_delivery_due() == T0 + 60
-    assert await store.claim_deliveries(T0 + 59, T0 + 90) == []
-    assert [x.id for x in await store.claim_deliveries(T0 + 60, T0 + 90)] == [d_retry]
+    assert await store.outbox.next_due() == T0 + 60
+    assert await store.outbox.claim(T0 + 59, T0 + 90) == []
+    assert [x.id for x in await store.outbox.claim(T0 + 60, T0 + 90)] == [d_retry]
 
-    assert (await store.get_notification(n.id)).deliveries == (
+    assert (await store.notifications.get(n.id, with_deliveries=True)).deliveries == (
         sent,
         failed,
         await _delivery(store, n.id, d_retry),
     )
-    assert await store.finish_delivery(10_000_000, "sent", T0) is None
+    assert await store.outbox.finish(10_000_000, "sent", T0) is None
 
 
 async def _delivery(store, notification_id, delivery_id):
-    notification = await store.get_notification(notification_id)
+    notification = await store.notifications.get(notification_id, with_deliveries=True)
     return next(d for d in notification.deliveries if d.id == delivery_id)
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_a_cancelled_delivery_stays_cancelled(store):
     n = await publish_new(store, "cal-1", [FCM1], T0)
-    (claimed,) = await store.claim_deliveries(T0, T0 + 30)
-    assert await store.cancel_deliveries("cal-1") == 1  # the room went while FCM was answering
-    finished = await store.finish_delivery(claimed.id, "sent", T0 + 1, attempts=1)
+    (claimed,) = await store.outbox.claim(T0, T0 + 30)
+    assert await store.outbox.cancel("cal-1") == 1  # the room went while FCM was answering
+    finished = await store.outbox.finish(claimed.id, "sent", T0 + 1, attempts=1)
     assert finished.state == "cancelled"
-    retried = await store.finish_delivery(claimed.id, "pending", T0 + 2, next_attempt_at=T0 + 5)
+    retried = await store.outbox.finish(claimed.id, "pending", T0 + 2, next_attempt_at=T0 + 5)
     assert retried.state == "cancelled"
-    assert (await store.get_notification(n.id)).deliveries[0].state == "cancelled"
-    assert await store.claim_deliveries(T0 + 100, T0 + 200) == []
+    assert (await store.notifications.get(n.id, with_deliveries=True)).deliveries[
+        0
+    ].state == "cancelled"
+    assert await store.outbox.claim(T0 + 100, T0 + 200) == []
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -390,67 +394,71 @@ async def test_cancel_deliveries_by_calendar_and_token(store):
     a1 = await publish_new(store, "cal-a", [FCM1, FCM2, BACKEND], T0)
     a2 = await publish_new(store, "cal-a", [FCM1, FCM2], T0)
     b1 = await publish_new(store, "cal-b", [FCM1], T0)
-    await store.finish_delivery(a2.deliveries[0].id, "sent", T0)
+    await store.outbox.finish(a2.deliveries[0].id, "sent", T0)
 
-    assert await store.cancel_deliveries("cal-a", "t1") == 1  # a1's; a2's t1 was sent already
-    assert await store.cancel_deliveries("cal-a", "t1") == 0
-    states = [d.state for d in (await store.get_notification(a1.id)).deliveries]
+    assert await store.outbox.cancel("cal-a", "t1") == 1  # a1's; a2's t1 was sent already
+    assert await store.outbox.cancel("cal-a", "t1") == 0
+    states = [
+        d.state for d in (await store.notifications.get(a1.id, with_deliveries=True)).deliveries
+    ]
     assert states == ["cancelled", "pending", "pending"]
-    assert (await store.get_notification(b1.id)).deliveries[0].state == "pending"
+    assert (await store.notifications.get(b1.id, with_deliveries=True)).deliveries[
+        0
+    ].state == "pending"
 
-    await store.claim_deliveries(T0, T0 + 30, limit=1)  # in_flight ones are cancelled too
-    assert await store.cancel_deliveries("cal-a") == 3
-    assert await store.count_deliveries("cancelled") == 4
-    assert await store.count_deliveries("sent") == 1
-    assert await store.count_deliveries("pending") == 1  # cal-b's
-    assert await store.cancel_deliveries("cal-unknown") == 0
+    await store.outbox.claim(T0, T0 + 30, limit=1)  # in_flight ones are cancelled too
+    assert await store.outbox.cancel("cal-a") == 3
+    assert await store.outbox.count("cancelled") == 4
+    assert await store.outbox.count("sent") == 1
+    assert await store.outbox.count("pending") == 1  # cal-b's
+    assert await store.outbox.cancel("cal-unknown") == 0
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_next_delivery_due(store):
-    assert await store.next_delivery_due() is None
+    assert await store.outbox.next_due() is None
     n = await publish_new(store, "cal-1", [FCM1, FCM2], T0)
     d1, d2 = (x.id for x in n.deliveries)
-    assert await store.next_delivery_due() == T0
-    await store.finish_delivery(d1, "pending", T0, attempts=1, next_attempt_at=T0 + 20)
-    await store.finish_delivery(d2, "pending", T0, attempts=1, next_attempt_at=T0 + 10)
-    assert await store.next_delivery_due() == T0 + 10
-    await store.claim_deliveries(T0 + 10, T0 + 15)  # d2 in flight until T0 + 15
-    assert await store.next_delivery_due() == T0 + 15
-    await store.finish_delivery(d2, "sent", T0 + 12)
-    assert await store.next_delivery_due() == T0 + 20
-    await store.finish_delivery(d1, "failed", T0 + 13)
-    assert await store.next_delivery_due() is None
+    assert await store.outbox.next_due() == T0
+    await store.outbox.finish(d1, "pending", T0, attempts=1, next_attempt_at=T0 + 20)
+    await store.outbox.finish(d2, "pending", T0, attempts=1, next_attempt_at=T0 + 10)
+    assert await store.outbox.next_due() == T0 + 10
+    await store.outbox.claim(T0 + 10, T0 + 15)  # d2 in flight until T0 + 15
+    assert await store.outbox.next_due() == T0 + 15
+    await store.outbox.finish(d2, "sent", T0 + 12)
+    assert await store.outbox.next_due() == T0 + 20
+    await store.outbox.finish(d1, "failed", T0 + 13)
+    assert await store.outbox.next_due() is None
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_count_deliveries(store):
-    assert await store.count_deliveries() == 0
+    assert await store.outbox.count() == 0
     n = await publish_new(store, "cal-1", [FCM1, FCM2, BACKEND], T0)
-    await store.finish_delivery(n.deliveries[0].id, "sent", T0)
-    await store.finish_delivery(n.deliveries[1].id, "failed", T0)
-    assert await store.count_deliveries() == 3
-    assert await store.count_deliveries("pending") == 1
-    assert await store.count_deliveries("sent") == 1
-    assert await store.count_deliveries("failed") == 1
-    assert await store.count_deliveries("in_flight") == 0
-    assert await store.count_deliveries("cancelled") == 0
+    await store.outbox.finish(n.deliveries[0].id, "sent", T0)
+    await store.outbox.finish(n.deliveries[1].id, "failed", T0)
+    assert await store.outbox.count() == 3
+    assert await store.outbox.count("pending") == 1
+    assert await store.outbox.count("sent") == 1
+    assert await store.outbox.count("failed") == 1
+    assert await store.outbox.count("in_flight") == 0
+    assert await store.outbox.count("cancelled") == 0
 
 
 @pytest.mark.gen_test(timeout=10)
 async def test_next_delivery_due_by_kind(store):
     n = await publish_new(store, "cal-1", [FCM1, BACKEND], T0)
     d_fcm, d_backend = (x.id for x in n.deliveries)
-    await store.finish_delivery(d_fcm, "pending", T0, attempts=1, next_attempt_at=T0 + 20)
-    await store.finish_delivery(d_backend, "pending", T0, attempts=1, next_attempt_at=T0 + 10)
-    assert await store.next_delivery_due() == T0 + 10
-    assert await store.next_delivery_due("backend") == T0 + 10
-    assert await store.next_delivery_due("fcm") == T0 + 20
-    await store.claim_deliveries(T0 + 20, T0 + 25, kind="fcm")  # in flight until T0 + 25
-    assert await store.next_delivery_due("fcm") == T0 + 25
-    await store.finish_delivery(d_backend, "sent", T0 + 21)
-    assert await store.next_delivery_due("backend") is None
-    assert await store.next_delivery_due() == T0 + 25
+    await store.outbox.finish(d_fcm, "pending", T0, attempts=1, next_attempt_at=T0 + 20)
+    await store.outbox.finish(d_backend, "pending", T0, attempts=1, next_attempt_at=T0 + 10)
+    assert await store.outbox.next_due() == T0 + 10
+    assert await store.outbox.next_due("backend") == T0 + 10
+    assert await store.outbox.next_due("fcm") == T0 + 20
+    await store.outbox.claim(T0 + 20, T0 + 25, kind="fcm")  # in flight until T0 + 25
+    assert await store.outbox.next_due("fcm") == T0 + 25
+    await store.outbox.finish(d_backend, "sent", T0 + 21)
+    assert await store.outbox.next_due("backend") is None
+    assert await store.outbox.next_due() == T0 + 25
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -460,39 +468,43 @@ async def test_deliveries_not_final_after_retention_expire_and_their_notificatio
     d_pending, d_lease_over, d_live, d_sent = (x.id for x in old.deliveries)
     recent = await publish_new(store, "cal-1", [FCM1], T0 + 10 * day)
     (d_recent,) = (x.id for x in recent.deliveries)
-    await store.finish_delivery(d_sent, "sent", T0 + 1, attempts=1)
+    await store.outbox.finish(d_sent, "sent", T0 + 1, attempts=1)
     now = T0 + 14 * day + 1
     cutoff = now - 14 * day
     for delivery_id, due in [(d_pending, now + day), (d_lease_over, T0 + 3), (d_live, T0 + 2)]:
-        await store.finish_delivery(delivery_id, "pending", T0, next_attempt_at=due)
+        await store.outbox.finish(delivery_id, "pending", T0, next_attempt_at=due)
     # FCM2's claim was left by a dead worker long ago; t3's is an attempt going on now.
-    assert [x.id for x in await store.claim_deliveries(T0 + 2, T0 + 62, limit=1)] == [d_live]
-    assert [x.id for x in await store.claim_deliveries(T0 + 3, T0 + 64, limit=1)] == [d_lease_over]
-    (live,) = await store.claim_deliveries(now, now + 60, limit=1)
+    assert [x.id for x in await store.outbox.claim(T0 + 2, T0 + 62, limit=1)] == [d_live]
+    assert [x.id for x in await store.outbox.claim(T0 + 3, T0 + 64, limit=1)] == [d_lease_over]
+    (live,) = await store.outbox.claim(now, now + 60, limit=1)
     assert live.id == d_live
 
-    assert await store.expire_deliveries(cutoff, now) == 2  # d_pending, d_lease_over
-    by_id = {d.id: d for d in (await store.get_notification(old.id)).deliveries}
+    assert await store.outbox.expire(cutoff, now) == 2  # d_pending, d_lease_over
+    by_id = {
+        d.id: d for d in (await store.notifications.get(old.id, with_deliveries=True)).deliveries
+    }
     assert (by_id[d_pending].state, by_id[d_pending].updated_at) == ("expired", now)
     assert (by_id[d_lease_over].state, by_id[d_lease_over].lease_until) == ("expired", None)
     assert by_id[d_live].state == "in_flight"  # its attempt ends on its own
     assert by_id[d_sent].state == "sent"
-    assert (await store.get_notification(recent.id)).deliveries[0].state == "pending"
-    assert await store.count_deliveries("expired") == 2
-    assert await store.next_delivery_due("fcm") == T0 + 10 * day  # recent's
-    assert await store.expire_deliveries(cutoff, now) == 0
+    assert (await store.notifications.get(recent.id, with_deliveries=True)).deliveries[
+        0
+    ].state == "pending"
+    assert await store.outbox.count("expired") == 2
+    assert await store.outbox.next_due("fcm") == T0 + 10 * day  # recent's
+    assert await store.outbox.expire(cutoff, now) == 0
     # An expired delivery stays expired, like a cancelled one, and is never claimed again.
-    again = await store.finish_delivery(d_pending, "pending", now + 1, next_attempt_at=now + 2)
+    again = await store.outbox.finish(d_pending, "pending", now + 1, next_attempt_at=now + 2)
     assert again.state == "expired"
-    claimed = await store.claim_deliveries(now + day, now + day + 60, limit=10)
+    claimed = await store.outbox.claim(now + day, now + day + 60, limit=10)
     assert sorted(x.id for x in claimed) == sorted([d_live, d_recent])
-    assert await store.purge_notifications(cutoff, cutoff) == 0  # t3 is still not final
+    assert await store.notifications.purge(cutoff, cutoff) == 0  # t3 is still not final
 
-    await store.finish_delivery(d_live, "failed", now + 2, attempts=1, last_error="x")
+    await store.outbox.finish(d_live, "failed", now + 2, attempts=1, last_error="x")
     # Every delivery is final now; the expired ones stay visible until a purge whose cutoff
     # is past their expiry (the next retention period).
-    assert await store.purge_notifications(cutoff, cutoff) == 0
-    assert await store.purge_notifications(now + 2, now + 2) == 0  # t3 failed at now + 2
-    assert await store.purge_notifications(now + 3, now + 3) == 1
-    assert await store.get_notification(old.id) is None
-    assert await store.get_notification(recent.id) is not None
+    assert await store.notifications.purge(cutoff, cutoff) == 0
+    assert await store.notifications.purge(now + 2, now + 2) == 0  # t3 failed at now + 2
+    assert await store.notifications.purge(now + 3, now + 3) == 1
+    assert await store.notifications.get(old.id) is None
+    assert await store.notifications.get(recent.id) is not None
