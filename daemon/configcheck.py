@@ -1,5 +1,7 @@
-"""What check-config and serve say about a configuration beyond its schema: warnings, and the
-key files opened as the service will open them."""
+"""What check-config and serve say about a configuration beyond what its schema checks.
+
+Warnings, the key files opened as the service will open them, and the config errors that
+the key files and the store's URL make at start."""
 
 from __future__ import annotations
 
