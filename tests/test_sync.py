@@ -682,6 +682,93 @@ async def test_a_notification_of_a_deleted_room_is_skipped_without_listing(env):
     assert env.published == []
 
 
+@pytest.mark.gen_test(timeout=15)
+async def test_the_publication_targets_the_tokens_the_room_has_once_the_list_is_in(env):
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    listing, release = env.hold_list()
+    syncer = env.syncer()
+    await env.webhook()
+    running = asyncio.ensure_future(syncer.sync_calendar(CAL))
+    await listing.wait()
+    later = "fcm-token-cccccccccccccccc-3333"
+    await env.store.rooms.put(CAL, None, [TOKENS[1], later], env.clock.now())
+    release.set()
+    published = await running
+    assert published is not None
+    assert targets_of(published) == [Target("fcm", t) for t in sorted([TOKENS[1], later])]
+
+
+@pytest.mark.parametrize("changed", [True, False])
+@pytest.mark.gen_test(timeout=15)
+async def test_a_room_deleted_during_the_list_gets_no_publication_and_no_sync_token(env, changed):
+    await env.prime()
+    if changed:
+        env.google.insert_event(CAL, summary="x")
+    listing, release = env.hold_list()
+    syncer = env.syncer()
+    notifications = [await env.webhook() for _ in range(3)]
+    running = asyncio.ensure_future(syncer.sync_calendar(CAL))
+    await listing.wait()
+    await env.store.rooms.delete(CAL)  # forgets the sync token too
+    release.set()
+    assert await running is None
+    assert env.published == [] and await env.published_in_order() == []
+    states = [(await env.store.notifications.get(n.id)).state for n in notifications]
+    assert states == ["skipped"] * 3
+    assert await env.store.channels.get_sync_token(CAL) is None
+
+
+class Counting:
+    """A repository whose coroutine methods count their calls, by name."""
+
+    def __init__(self, inner: Any, calls: dict[str, int], prefix: str) -> None:
+        self._inner, self._calls, self._prefix = inner, calls, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            key = f"{self._prefix}.{name}"
+            self._calls[key] = self._calls.get(key, 0) + 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_sync_of_fifty_notifications_costs_six_store_calls(env):
+    # received, the sync token, the room (once), publish, the new sync token, one skip for
+    # the 49 others: the room travels once and the skips do not grow with the batch.
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    batch = [await env.webhook() for _ in range(50)]
+    calls: dict[str, int] = {}
+    syncer = Syncer(
+        Counting(env.store.notifications, calls, "notifications"),
+        Counting(env.store.rooms, calls, "rooms"),
+        Counting(env.store.channels, calls, "channels"),
+        env.gateway(),
+        env.clock,
+        Config(),
+        env.published.append,
+    )
+    env.syncers.append(syncer)
+    published = await syncer.sync_calendar(CAL)
+    assert published is not None and published.id == batch[-1].id
+    assert calls == {
+        "notifications.received": 1,
+        "channels.get_sync_token": 1,
+        "rooms.get": 1,
+        "notifications.publish": 1,
+        "channels.set_sync_token": 1,
+        "notifications.skip": 1,
+    }
+    assert sum(calls.values()) == 6
+    states = [(await env.store.notifications.get(n.id)).state for n in batch[:-1]]
+    assert states == ["skipped"] * 49
+
+
 @pytest.mark.parametrize(
     ("backend", "with_backend"),
     [
