@@ -1,13 +1,13 @@
 """The syncer against a real SQLite store and the real Calendar gateway on the Google emulator.
 
-Time is a ManualClock shared with the emulator: backoffs end when a test moves it. A `list`
-held at the emulator (inject(..., hold=)) keeps a sync under way for as long as a test needs.
+The environment is made of the shared fixtures (tests/fixtures.py). Time is a ManualClock shared
+with the emulator: backoffs end when a test moves it. A `list` held at the emulator
+(inject(..., hold=)) keeps a sync under way for as long as a test needs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,26 +19,15 @@ from daemon import sync as sync_module
 from daemon.clock import ManualClock
 from daemon.config import Config
 from daemon.emulator.app import Emulator
-from daemon.emulator.keys import write_service_account
 from daemon.google_calendar import GoogleCalendar
 from daemon.sync import Syncer
 from storage.base import Notification, Target
 from storage.sqlite import SqliteStore
-from tests.fixtures import list_pages  # noqa: F401
+from tests.fixtures import STORE_FILE, clock, emulator, key_file, list_pages, store  # noqa: F401
 
 CAL = "room-1@resource.calendar.google.com"
 OTHER = "room-2@resource.calendar.google.com"
 TOKENS = ["fcm-token-aaaaaaaaaaaaaaaa-1111", "fcm-token-bbbbbbbbbbbbbbbb-2222"]
-EMAIL = "mrm-push@p.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def key_info(tmp_path_factory):
-    # One RSA key for the module: generating one takes a noticeable fraction of a second.
-    path = tmp_path_factory.mktemp("key") / "key.json"
-    return write_service_account(
-        path, token_uri="http://unused/token", client_email=EMAIL, project_id="p"
-    )
 
 
 @dataclass
@@ -131,20 +120,9 @@ class Env:
 
 
 @pytest.fixture
-def env(io_loop, tmp_path, key_info):
-    clock = ManualClock()
-    emu = Emulator(clock)
-    emu.start()
-    info = dict(key_info, token_uri=emu.token_url)
-    key_file = tmp_path / "key.json"
-    key_file.write_text(json.dumps(info))
-    emu.oauth.register(info)
-    db_path = str(tmp_path / "mrm-push.sqlite3")
-    store = SqliteStore(db_path)
-    io_loop.run_sync(store.open)
+def env(io_loop, tmp_path, clock, emulator, key_file, store):
     io_loop.run_sync(lambda: store.rooms.put(CAL, "Room 1", TOKENS, clock.now()))
-    env = Env(clock, emu, store, db_path, str(key_file))
-    env.stores.append(store)
+    env = Env(clock, emulator, store, str(tmp_path / STORE_FILE), key_file)
     yield env
     for release in env.releases:
         release.set()  # a test that failed half-way leaves no call held
@@ -153,9 +131,8 @@ def env(io_loop, tmp_path, key_info):
     for gateway in env.gateways:
         gateway.close()
     io_loop.run_sync(env.google.drain)
-    for opened in env.stores:
+    for opened in env.stores:  # those a restart opened (the fixture closes the first)
         io_loop.run_sync(opened.close)
-    emu.stop()
 
 
 def expected(resource: dict[str, Any]) -> dict[str, Any]:
