@@ -608,6 +608,79 @@ async def test_a_404_without_an_error_code_holds_fcm_and_drops_no_token(
     await worker.check()
 
 
+class HeldFinish:
+    """An outbox whose next `finish` waits until the test lets it go (`taken` says it came)."""
+
+    def __init__(self, outbox: Any) -> None:
+        self._outbox = outbox
+        self.taken = asyncio.Event()
+        self.release = asyncio.Event()
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outbox, name)
+
+    async def finish(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            self.taken.set()
+            await self.release.wait()
+        return await self._outbox.finish(*args, **kwargs)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_probe_whose_record_is_slow_does_not_end_the_next_probe(
+    store, clock, emulator, key_file, executor
+):
+    # The probe's answer came (the next one is due in PROBE_INTERVAL) but recording it takes
+    # longer; the next probe goes meanwhile. The first one's end must not count as the second's:
+    # that would let a third probe go beside it.
+    sender = make_sender(
+        "firebase-admin",
+        service_account_file=key_file,
+        project_id=PROJECT,
+        endpoint=emulator.base_url,
+        attempt_timeout=5.0,
+        executor=executor,
+        threads=EXECUTOR_THREADS,
+        clock=clock,
+    )
+    outbox = HeldFinish(store.outbox)
+    worker = DeliveryWorker(
+        outbox, store.notifications, store.rooms, sender, clock, Config(), BACKEND_TOKEN
+    )
+    running: list[asyncio.Future[int]] = []
+    try:
+        tokens = [tok(f"h{i}") for i in range(3)]
+        emulator.fcm.fail(None, 404, count=2)  # the hold opens, and the first probe fails
+        await publish(store, clock, tokens[:1])
+        assert await worker.run_once() == 1 and worker.breaker_open
+        await publish(store, clock, tokens[1:])  # due before the held one: probed first
+        clock.advance(PROBE_INTERVAL)
+        outbox.armed = True
+        running.append(asyncio.ensure_future(worker.run_once()))  # its record is held
+        await asyncio.wait_for(outbox.taken.wait(), 5)
+        clock.advance(PROBE_INTERVAL)
+        emulator.fcm.hold_answers()
+        running.append(asyncio.ensure_future(worker.run_once()))  # the next probe
+        await emulator.fcm.wait_for_attempts(tokens[2], 1)
+        assert worker.hold.probing
+        outbox.release.set()
+        assert await running[0] == 1
+        assert worker.hold.probing  # the second probe is still under way
+        assert await worker.run_once() == 0  # so no other one goes beside it
+        emulator.fcm.release()
+        assert await running[1] == 1
+        assert not worker.breaker_open
+    finally:
+        outbox.release.set()
+        emulator.fcm.release()
+        for future in running:
+            future.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await sender.close()
+
+
 # -- leases, restarts, stop ------------------------------------------------------------------
 
 
