@@ -11,12 +11,8 @@ claims none of them, so nothing is rewritten while they wait), and every PROBE_I
 delivery is tried alone. A probe FCM accepts closes the hold and the others go at once; any other
 answer keeps it open until the next probe. One object owns all of it (its state, the probes, the
 readiness answer); the worker asks it how many FCM deliveries to claim, when to wake and whether
-FCM is ready, and tells it what FCM answered.
-
-Choices where contract 4 leaves room (for the README): the SENDER_ID_MISMATCH breaker, and FCM
-answering 403/404 without an errorCode, open the hold: no token is dropped, FCM deliveries wait
-`pending` untouched (none is claimed, attempts not counted) and one probe every PROBE_INTERVAL
-tries again.
+FCM is ready, and tells it what FCM answered (attempts not counted while held: where contract 4
+leaves room).
 """
 
 from __future__ import annotations
@@ -92,12 +88,12 @@ class FcmHold:
         for the hold (FCM refused the project or the sender, and the hold is open) instead of
         being failed and its token dropped."""
         if kind == "sender_mismatch":
-            self.note_mismatch(token, now, ids)
+            self._note_mismatch(token, now, ids)
         elif kind == "project_refused":
-            self.project_refused(now, error, ids)
+            self._project_refused(now, error, ids)
         return kind in ("unregistered", "sender_mismatch", "project_refused") and self.is_open
 
-    def note_mismatch(self, token: str, now: float, ids: dict[str, Any]) -> bool:
+    def _note_mismatch(self, token: str, now: float, ids: dict[str, Any]) -> bool:
         """Count a token FCM answered SENDER_ID_MISMATCH for; True while the hold is open, this
         one included (that token is then kept: it shows that something larger is wrong)."""
         if self.is_open:
@@ -116,7 +112,7 @@ class FcmHold:
         )
         return True
 
-    def project_refused(self, now: float, error: str, ids: dict[str, Any]) -> None:
+    def _project_refused(self, now: float, error: str, ids: dict[str, Any]) -> None:
         """FCM answered 403/404 without an errorCode: hold (once; later ones change nothing)."""
         if not self.is_open:
             self._open("project_refused", now, error, ids)
