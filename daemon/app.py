@@ -3,44 +3,45 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
+from daemon.access_log import AccessLog
 from daemon.channels import ChannelManager
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config
+from daemon.configcheck import fcm_project_id, store_config_error
 from daemon.configfile import ConfigError, LoadedConfig, Secrets, local_url, public_url
 from daemon.delivery import DeliveryWorker
 from daemon.fanout import FanoutHub
 from daemon.fcm import FcmSender, make_sender
-from daemon.google_calendar import GoogleCalendar, GoogleError
+from daemon.google_calendar import GoogleCalendar
 from daemon.lease import InstanceLease, InstanceRunning, LeaseLost
 from daemon.logs import protect
-from daemon.metrics import OTHER, Metrics, method_label, status_label
-from daemon.readiness import NotReady, run_checks
+from daemon.metrics import Metrics
+from daemon.periodic import PeriodicTasks
+from daemon.readiness import run_checks
 from daemon.redact import configured_secrets
 from daemon.refresh import Refresher
 from daemon.rooms import Rooms
+from daemon.service_checks import google_check, storage_check
 from daemon.store_gauges import Counted, StoreGauges
 from daemon.sync import Syncer
 from handlers import all_routes, check_auth_decisions
 from handlers.base import NotFoundHandler
 from handlers.edge import EdgeApplication, RefusedHandler, TrustedProxies
 from storage import make_store
-from storage.base import Notification, StoreConfigError, StoreError, StoreUnavailable
+from storage.base import Notification, StoreConfigError, StoreError
 from storage.protocols import Store
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("mrm_push.access")
 
 CHANNEL_UPKEEP_INTERVAL = 15.0  # seconds between background channel retries and stop attempts
 FCM_THREADS = 8  # pyfcm sends and credential refreshes at once (firebase-admin sends are async)
@@ -122,31 +123,30 @@ class Service:
         ]
         # name → coroutine raising with the reason when not ready; later parts add theirs.
         self.readiness_checks: dict[str, Callable[[], Awaitable[None]]] = {
-            "storage": self._storage_ready,
-            "google": self._google_ready,
+            "storage": storage_check(self.store, self.instance_lease, self.lease_lost),
+            "google": google_check(self.google),
             "fcm": self.delivery.check,
         }
-        self.periodic: dict[str, PeriodicCallback] = {}
-        self._periodic_work: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
-        self._add_periodic("lease", self.keep_lease, self.instance_lease.renew_interval)
-        self._add_periodic("metrics", self.refresh_metrics, METRICS_INTERVAL)
-        self._add_periodic("store_maintenance", self.store.maintain, STORE_MAINTENANCE_INTERVAL)
-        self._add_periodic(
-            "renew", self.channels.renew_due, self.config.google.renew_check_interval
+        self.stopping = False
+        # Periodic work stops with the service, and when another instance took the lease.
+        self.tasks = PeriodicTasks(
+            lambda: not self.stopping and not self.lease_lost.is_set(), self.channels.spawn
         )
-        self._add_periodic("channel_retries", self._channel_upkeep, CHANNEL_UPKEEP_INTERVAL)
-        self._add_periodic("websocket_ping", self.fanout.ping, self.config.websocket.ping_interval)
-        self._add_periodic("purge", self.purge, PURGE_INTERVAL)
+        add = self.tasks.add
+        add("lease", self.keep_lease, self.instance_lease.renew_interval)
+        add("metrics", self.refresh_metrics, METRICS_INTERVAL)
+        add("store_maintenance", self.store.maintain, STORE_MAINTENANCE_INTERVAL)
+        add("renew", self.channels.renew_due, self.config.google.renew_check_interval)
+        add("channel_retries", self._channel_upkeep, CHANNEL_UPKEEP_INTERVAL)
+        add("websocket_ping", self.fanout.ping, self.config.websocket.ping_interval)
+        add("purge", self.purge, PURGE_INTERVAL)
         if self.config.sync.poll_interval:
-            self._add_periodic("poll", self.syncer.poll_all, self.config.sync.poll_interval)
+            add("poll", self.syncer.poll_all, self.config.sync.poll_interval)
         if self.config.backend.refresh_interval and self.config.backend.url:
-            self._add_periodic(
-                "refresh", self.refresher.refresh, self.config.backend.refresh_interval
-            )
+            add("refresh", self.refresher.refresh, self.config.backend.refresh_interval)
         self.app = self._make_app()
         self.server: HTTPServer | None = None
         self.sockets: list[socket.socket] = []
-        self.stopping = False
         self._recovered = False
 
     def _make_google(self) -> GoogleCalendar | None:
@@ -179,7 +179,7 @@ class Service:
                 },
             )
             return None
-        project_id = fcm.project_id or _key_project_id(fcm.service_account_file)
+        project_id = fcm.project_id or fcm_project_id(fcm.service_account_file)
         sender = make_sender(
             fcm.backend,
             service_account_file=fcm.service_account_file,
@@ -193,44 +193,14 @@ class Service:
         )
         return self.metrics.timed_sender(sender)
 
-    async def _storage_ready(self) -> None:
-        await self.store.ping()
-        if self.lease_lost.is_set():
-            raise StoreUnavailable("the instance lease was taken by another instance: stopping")
-        if self.instance_lease.held is None:
-            raise StoreUnavailable("the instance lease is not held yet: no work is done")
-
-    async def _google_ready(self) -> None:
-        if self.google is None:
-            raise NotReady("not configured: google.service_account_file is not set")
-        try:
-            await self.google.check()
-        except GoogleError as error:
-            raise NotReady(str(error)) from error
-
-    def _add_periodic(self, name: str, work: Callable[[], Awaitable[Any]], interval: float) -> None:
-        """Run `work` every `interval` seconds; a run still going when the next is due is not
-        doubled, and a failure is logged, never fatal."""
-        running: set[str] = set()
-
-        async def run() -> None:
-            if name in running or self.stopping or self.lease_lost.is_set():
-                return
-            running.add(name)
-            try:
-                await work()
-            except Exception:
-                log.exception("periodic_failed", extra={"task": name})
-            finally:
-                running.discard(name)
-
-        self.periodic[name] = PeriodicCallback(run, interval * 1000, jitter=0.1)
-        self._periodic_work[name] = run
+    @property
+    def periodic(self) -> dict[str, PeriodicCallback]:
+        """The periodic tasks' timers, by name."""
+        return self.tasks.callbacks
 
     def run_periodic_now(self, name: str) -> None:
         """Start one periodic task's work now (unless it is running already)."""
-        if name in self._periodic_work and not self.stopping:
-            self.channels.spawn(self._periodic_work[name]())
+        self.tasks.run_now(name)
 
     async def purge(self) -> int:
         """Retention: deliveries still not final storage.retention_days after they were made
@@ -261,18 +231,15 @@ class Service:
     def _make_app(self) -> web.Application:
         routes = all_routes(self.config.google.webhook_path)
         check_auth_decisions(routes)
-        # The route label's values: the handlers' names, a set fixed here.
-        self.route_names = frozenset(
-            handler.__name__
-            for handler in (*(h for _, h in routes), NotFoundHandler, RefusedHandler)
-        )
+        access = AccessLog(self.metrics, (*(h for _, h in routes), NotFoundHandler, RefusedHandler))
+        self.route_names = access.route_names
         return EdgeApplication(
             routes,
             trusted_proxies=TrustedProxies(self.config.server.trusted_proxies),
             max_body_size=self.config.server.max_body_size,
             default_handler_class=NotFoundHandler,
             service=self,
-            log_function=self._log_request,
+            log_function=access,
             compress_response=False,
         )
 
@@ -284,7 +251,7 @@ class Service:
         try:
             await self.store.open()
         except StoreConfigError as error:
-            raise _store_config_error(error) from None
+            raise store_config_error(error) from None
         try:
             # Before any recovery: release_claims would take back a live instance's claims.
             await self.instance_lease.acquire()
@@ -303,8 +270,7 @@ class Service:
             idle_connection_timeout=60,
         )
         self.server.add_sockets(self.sockets)
-        for name in ALWAYS_PERIODIC:
-            self.periodic[name].start()
+        self.tasks.start(ALWAYS_PERIODIC)
         if self.instance_lease.held is not None:
             await self._begin_work()
         log.info("listening", extra={"host": server.host, "port": self.port})
@@ -314,9 +280,7 @@ class Service:
         the periodic tasks."""
         await self._recover()
         self._delivery_task = asyncio.get_running_loop().create_task(self.delivery.run())
-        for name, callback in self.periodic.items():
-            if name not in ALWAYS_PERIODIC:
-                callback.start()
+        self.tasks.start(name for name in self.periodic if name not in ALWAYS_PERIODIC)
 
     async def keep_lease(self) -> None:
         """Periodic: renew the lease, or take it when the start could not (database down)."""
@@ -372,8 +336,7 @@ class Service:
         self.fanout.close_all()  # 1001 first: companion apps reconnect elsewhere or later
         if self.server is not None:
             self.server.stop()
-        for callback in self.periodic.values():
-            callback.stop()
+        self.tasks.stop()
         await self.channels.drain(_within(1.0, deadline, loop))
         await self.syncer.drain(_within(1.0, deadline, loop))
         self.syncer.close()
@@ -414,59 +377,14 @@ class Service:
         if not counted:
             self.metrics.ready.set(0)
 
-    # -- access log and request metrics ------------------------------------------------------
-    def _log_request(self, handler: web.RequestHandler) -> None:
-        request = handler.request
-        status = handler.get_status()
-        seconds = request.request_time()
-        route = type(handler).__name__
-        route = route if route in self.route_names else OTHER
-        method = method_label(request.method)  # a made-up one is never a label nor logged
-        self.metrics.requests.labels(route, method, status_label(status)).inc()
-        self.metrics.latency.labels(route).observe(seconds)
-        level = logging.INFO if status < 500 else logging.ERROR
-        extra: dict[str, Any] = {
-            "method": method,
-            "path": request.path,  # never the query string: it may hold tokens
-            "status": status,
-            "duration_ms": round(seconds * 1000, 2),
-            "remote": request.remote_ip,  # the caller (behind a trusted proxy: the forwarded one)
-            "scheme": request.protocol,
-        }
-        access_log.log(level, "request", extra=extra)
-
 
 def _within(seconds: float, deadline: float | None, loop: asyncio.AbstractEventLoop) -> float:
     """`seconds`, or less when the deadline comes first."""
     return seconds if deadline is None else max(0.0, min(seconds, deadline - loop.time()))
 
 
-def _key_project_id(key_file: str) -> str:
-    """The Firebase project of a service-account key, when fcm.project_id does not say."""
-    try:
-        with open(key_file, encoding="utf-8") as stream:
-            project_id = json.load(stream).get("project_id")
-    except (OSError, ValueError, AttributeError) as error:
-        raise ConfigError(
-            f"cannot use {key_file} ({error})", key="fcm.service_account_file"
-        ) from None
-    if not isinstance(project_id, str) or not project_id:
-        raise ConfigError("not set, and the key file names no project_id", key="fcm.project_id")
-    return project_id
-
-
 def _make_store(config: Config) -> Store:
     try:
         return make_store(config.storage.url, config.storage.mongo_driver)
     except StoreConfigError as error:
-        raise _store_config_error(error) from None
-
-
-def _store_config_error(error: StoreConfigError) -> ConfigError:
-    """A store that can never work as configured, as the config error it is: the stores say
-    "storage.url: ..." (or "storage.mongo_driver: ...", or "storage: <path> ...")."""
-    text = str(error)
-    for key in ("storage.url", "storage.mongo_driver"):
-        if text.startswith(key + ": "):
-            return ConfigError(text[len(key) + 2 :], key=key)
-    return ConfigError(text.removeprefix("storage: "), key="storage.url")
+        raise store_config_error(error) from None

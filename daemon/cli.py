@@ -1,5 +1,6 @@
-"""The `mrm-push` command: serve, check-config, emulator, and the operator commands that call a
-running service."""
+"""The `mrm-push` command line: serve, check-config, emulator, and the operator commands.
+
+The operator commands call a running service."""
 
 from __future__ import annotations
 

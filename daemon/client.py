@@ -1,5 +1,7 @@
-"""The operator commands' client of a running service: its HTTP API and its /ws feed, through
-tornado's own clients, every failure as one line saying what answered (or what did not)."""
+"""The operator commands' client of a running service: its HTTP API and its /ws feed.
+
+Through tornado's own clients; every failure is one line saying what answered (or what did
+not)."""
 
 from __future__ import annotations
 

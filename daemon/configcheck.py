@@ -1,5 +1,7 @@
-"""What check-config and serve say about a configuration beyond its schema: warnings, and the
-key files opened as the service will open them."""
+"""What check-config and serve say about a configuration beyond what its schema checks.
+
+Warnings, the key files opened as the service will open them, and the config errors that
+the key files and the store's URL make at start."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.configfile import ConfigError, LoadedConfig, is_loopback_url, public_url
+from storage.base import StoreConfigError
 
 GOOGLE_CALENDAR_ENDPOINT = "https://www.googleapis.com/"
 
@@ -126,3 +129,27 @@ def read_service_account(key: str, path: str) -> dict[str, Any]:
             f"{path} is not a usable service-account key ({reason})", key=key
         ) from None
     return info
+
+
+def fcm_project_id(key_file: str) -> str:
+    """The Firebase project of a service-account key, when fcm.project_id does not say."""
+    try:
+        with open(key_file, encoding="utf-8") as stream:
+            project_id = json.load(stream).get("project_id")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(
+            f"cannot use {key_file} ({error})", key="fcm.service_account_file"
+        ) from None
+    if not isinstance(project_id, str) or not project_id:
+        raise ConfigError("not set, and the key file names no project_id", key="fcm.project_id")
+    return project_id
+
+
+def store_config_error(error: StoreConfigError) -> ConfigError:
+    """A store that can never work as configured, as the config error it is: the stores say
+    "storage.url: ..." (or "storage.mongo_driver: ...", or "storage: <path> ...")."""
+    text = str(error)
+    for key in ("storage.url", "storage.mongo_driver"):
+        if text.startswith(key + ": "):
+            return ConfigError(text[len(key) + 2 :], key=key)
+    return ConfigError(text.removeprefix("storage: "), key="storage.url")

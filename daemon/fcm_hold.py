@@ -9,8 +9,10 @@ Two things open it (contract 4):
 While it is open no token is dropped, FCM deliveries stay `pending` as they are (the worker
 claims none of them, so nothing is rewritten while they wait), and every PROBE_INTERVAL one
 delivery is tried alone. A probe FCM accepts closes the hold and the others go at once; any other
-answer keeps it open until the next probe. One object owns all of it; the worker asks it how
-many FCM deliveries to claim and when to wake, and tells it what FCM answered.
+answer keeps it open until the next probe. One object owns all of it (its state, the probes, the
+readiness answer); the worker asks it how many FCM deliveries to claim, when to wake and whether
+FCM is ready, and tells it what FCM answered (attempts not counted while held: where contract 4
+leaves room).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import logging
 from typing import Any, Literal
 
 from daemon.clock import rfc3339
+from daemon.fcm_outcome import OutcomeKind
+from daemon.readiness import NotReady
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ class FcmHold:
         self.detail = ""  # why it opened (FCM's message for a refused project)
         self.last_probe = ""  # FCM's answer to the last probe
         self.next_probe_at = 0.0
-        self.probing = False
+        self._probe: int | None = None  # the delivery whose attempt is the probe under way
         # token -> when it last mismatched; pruned to the window, so at most the tokens of
         # one window (and the breaker opens past `mismatch_limit` of them).
         self._mismatches: dict[str, float] = {}
@@ -65,6 +69,11 @@ class FcmHold:
         return self.reason is not None
 
     @property
+    def probing(self) -> bool:
+        """A probe's attempt is under way."""
+        return self._probe is not None
+
+    @property
     def held_error(self) -> str:
         """last_error of a delivery the hold sent back to wait."""
         if self.reason == "sender_id_mismatch":
@@ -72,7 +81,19 @@ class FcmHold:
         return f"held: FCM refused the project ({self.detail})"
 
     # -- what FCM answered -------------------------------------------------------------------
-    def note_mismatch(self, token: str, now: float, ids: dict[str, Any]) -> bool:
+    def report(
+        self, kind: OutcomeKind, token: str, now: float, error: str, ids: dict[str, Any]
+    ) -> bool:
+        """What FCM answered an attempt that was not a probe; True when its delivery is to wait
+        for the hold (FCM refused the project or the sender, and the hold is open) instead of
+        being failed and its token dropped."""
+        if kind == "sender_mismatch":
+            self._note_mismatch(token, now, ids)
+        elif kind == "project_refused":
+            self._project_refused(now, error, ids)
+        return kind in ("unregistered", "sender_mismatch", "project_refused") and self.is_open
+
+    def _note_mismatch(self, token: str, now: float, ids: dict[str, Any]) -> bool:
         """Count a token FCM answered SENDER_ID_MISMATCH for; True while the hold is open, this
         one included (that token is then kept: it shows that something larger is wrong)."""
         if self.is_open:
@@ -91,7 +112,7 @@ class FcmHold:
         )
         return True
 
-    def project_refused(self, now: float, error: str, ids: dict[str, Any]) -> None:
+    def _project_refused(self, now: float, error: str, ids: dict[str, Any]) -> None:
         """FCM answered 403/404 without an errorCode: hold (once; later ones change nothing)."""
         if not self.is_open:
             self._open("project_refused", now, error, ids)
@@ -128,18 +149,21 @@ class FcmHold:
             return None
         return max(due, self.next_probe_at)
 
-    def probe_started(self) -> None:
-        self.probing = True
+    def probe_started(self, delivery_id: int) -> None:
+        """The delivery `capacity` let claim as the probe is being tried."""
+        self._probe = delivery_id
 
-    def probe_abandoned(self) -> None:
-        """The probe's delivery could not be tried (no token, its notification gone, the store
-        failed): the next claim probes again with another one."""
-        self.probing = False
+    def probe_abandoned(self, delivery_id: int) -> None:
+        """The attempt of `delivery_id` is over: when it was the probe and gave no answer (no
+        token, its notification gone, the store failed), the next claim probes again with
+        another one. After `probe_ended`, or for another delivery, nothing changes."""
+        if self._probe == delivery_id:
+            self._probe = None
 
     def probe_ended(self, sent: bool, now: float, error: str, ids: dict[str, Any]) -> None:
         """A probe's answer: FCM accepted (the hold closes) or not (the next one in
         PROBE_INTERVAL)."""
-        self.probing = False
+        self._probe = None
         if sent:
             reason = self.reason
             self.reason, self.since, self.detail, self.last_probe = None, None, "", ""
@@ -155,8 +179,14 @@ class FcmHold:
         )
 
     # -- readiness ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """For /readyz "fcm": raises NotReady with the reason while the hold is open."""
+        problem = self.problem()
+        if problem is not None:
+            raise NotReady(problem)
+
     def problem(self) -> str | None:
-        """For /readyz "fcm": why FCM cannot be used now, or None."""
+        """Why FCM cannot be used now, or None."""
         if self.reason is None or self.since is None:
             return None
         since, probe = rfc3339(self.since), rfc3339(self.next_probe_at)

@@ -1,5 +1,6 @@
-"""Logging as one JSON object per line: `ts`, `level`, `event`, and the ids involved; every
-line passes one redactor, so that no secret is written whatever logged it."""
+"""Logging as one JSON object per line: `ts`, `level`, `event`, and the ids involved.
+
+Every line passes one redactor, so that no secret is written whatever logged it."""
 
 from __future__ import annotations
 

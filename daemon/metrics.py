@@ -161,13 +161,18 @@ class _WithoutCreated(Collector):
 
 
 class DeliveryCounts(Protocol):
-    sent: int
-    failed: int
-    retried: int
-    dropped_tokens: int
-    held: int
-    expired: int
-
+    @property
+    def sent(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def retried(self) -> int: ...
+    @property
+    def dropped_tokens(self) -> int: ...
+    @property
+    def held(self) -> int: ...
+    @property
+    def expired(self) -> int: ...
     @property
     def breaker_open(self) -> bool: ...
 

@@ -1,5 +1,6 @@
-"""The operator commands' command line: their parsers, where the URL and the keys come from, and
-the run of one command (a table or one JSON document on stdout, one line on stderr on failure).
+"""The operator commands' command line: their parsers, their URL and key, one command's run.
+
+A run prints a table or one JSON document on stdout, or one line on stderr on failure.
 
 Where the contract leaves room (for the README): the config is read only for what the options
 and the environment do not give; the API key is the first of --api-key-file, MRM_PUSH_API_KEY,

@@ -1,5 +1,6 @@
-"""The operator commands but `tail` (daemon/optail.py): one or a few API calls each, printed as a
-table for people or, with --json, as one JSON document."""
+"""The operator commands but `tail` (daemon/optail.py): one or a few API calls each.
+
+Each prints a table for people or, with --json, one JSON document."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""`mrm-push notifications tail`: follow the /ws feed, print each notification as it comes, and
-after a close or a failed connect reconnect with backoff and resume after the last seq printed.
+"""`mrm-push notifications tail`: follow the /ws feed and print each notification as it comes.
+
+After a close or a failed connect it reconnects with backoff and resumes after the last seq
+printed.
 
 Where the contract leaves room (for the README): what is said about the feed (subscribed,
 replayed, reconnecting, the store changed, an incomplete replay) goes to stderr, one line each;

@@ -1,5 +1,7 @@
-"""The `channels.stop` queue: stops owed to Google, sent in the background, retried with
-backoff up to google.max_retries times, and remembered once done (for google.channel_ttl)."""
+"""The `channels.stop` queue: stops owed to Google, sent in the background.
+
+Retried with backoff up to google.max_retries times, and remembered once done (for
+google.channel_ttl)."""
 
 from __future__ import annotations
 

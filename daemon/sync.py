@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from daemon.backoff import backoff_delay
+from daemon.changes import changes_of
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.google_calendar import (
@@ -30,33 +31,6 @@ BATCH_LIMIT = 10_000  # received notifications taken by one sync (or one resume)
 class RetryLater(Exception):
     """The sync could not finish now (Google or the store failing): its notifications stay
     `received` and the calendar is synced again after a backoff."""
-
-
-def event_change(event: dict[str, Any]) -> dict[str, Any]:
-    """One entry of a notification's `changes`; a cancelled event may carry only id and status,
-    the missing fields stay null."""
-    return {
-        "event_id": event.get("id"),
-        # Google documents `confirmed` as the default when the field is left out.
-        "status": event.get("status") or "confirmed",
-        "updated": event.get("updated"),
-        "start": event.get("start"),
-        "end": event.get("end"),
-        "summary": event.get("summary"),
-    }
-
-
-def changes_of(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One change per event, its last state, in the order events were last seen: an event that
-    changes while the pages are read may be listed twice."""
-    latest: dict[str, dict[str, Any]] = {}
-    for item in items:
-        change = event_change(item)
-        if not change["event_id"]:
-            continue
-        latest.pop(change["event_id"], None)
-        latest[change["event_id"]] = change
-    return list(latest.values())
 
 
 class Syncer:
@@ -263,17 +237,23 @@ class Syncer:
     async def _sync_batch(
         self, calendar_id: str, batch: list[Notification], *, poll: bool
     ) -> Notification | None:
-        if await self.rooms.get(calendar_id) is None:
-            await self._skip(calendar_id, batch, "room_gone")
-            return None
+        """The room is read once, after the list: its tokens as they are when the publication
+        is made. rooms.delete forgets the calendar's sync token with the room, so a calendar
+        that has one had its room when this sync began; only without one (a full list, the
+        costly kind) is the room looked up before listing too, so that a gone one is skipped
+        without a call to Google."""
         if not batch and not poll:
             return None  # an earlier sync took them: nothing to list for
         if self.google is None:
-            # Left received: a restart with credentials picks them up.
-            log.warning("sync_unconfigured", extra={"calendar_id": calendar_id})
+            if await self._room(calendar_id, batch) is not None:
+                # Left received: a restart with credentials picks them up.
+                log.warning("sync_unconfigured", extra={"calendar_id": calendar_id})
+            return None
+        sync_token = await self.sync_tokens.get_sync_token(calendar_id)
+        if sync_token is None and await self._room(calendar_id, batch) is None:
             return None
         try:
-            listing, full_resync = await self._list(self.google, calendar_id)
+            listing, full_resync = await self._list(self.google, calendar_id, sync_token)
         except PermanentGoogleError as error:
             # The channel's own lifecycle deals with a calendar that is gone or forbidden.
             log.warning(
@@ -287,13 +267,13 @@ class Syncer:
             )
             await self._skip(calendar_id, batch, "google_refused")
             return None
+        # Deleted during the list (its sync token went with it): no publication, no token.
+        room = await self._room(calendar_id, batch)
+        if room is None:
+            return None
         changes = [] if full_resync else changes_of(listing.items)
         published: Notification | None = None
         if changes or full_resync:
-            room = await self.rooms.get(calendar_id)  # its tokens as they are now
-            if room is None:  # deleted during the list; its sync token went with it
-                await self._skip(calendar_id, batch, "room_gone")
-                return None
             chosen = batch.pop() if batch else await self._poll_notification(calendar_id)
             # Publishing and storing the sync token run on even when a stop cancels this sync
             # (shielded; the stop waits for them: `committed`): cut in between, the next run
@@ -350,10 +330,11 @@ class Syncer:
         while self._commits:
             await asyncio.gather(*list(self._commits), return_exceptions=True)
 
-    async def _list(self, google: GoogleCalendar, calendar_id: str) -> tuple[EventList, bool]:
+    async def _list(
+        self, google: GoogleCalendar, calendar_id: str, token: str | None
+    ) -> tuple[EventList, bool]:
         """Every page since the stored sync token; a full list (full_resync) when there is no
         token or Google says it expired (410)."""
-        token = await self.sync_tokens.get_sync_token(calendar_id)
         if token is not None:
             try:
                 return await google.list_events(calendar_id, token), False
@@ -374,11 +355,16 @@ class Syncer:
             targets.append(Target("backend"))
         return targets
 
+    async def _room(self, calendar_id: str, batch: list[Notification]) -> Room | None:
+        """The room, or None with the batch skipped when it is gone."""
+        room = await self.rooms.get(calendar_id)
+        if room is None:
+            await self._skip(calendar_id, batch, "room_gone")
+        return room
+
     async def _skip(self, calendar_id: str, batch: list[Notification], reason: str) -> None:
-        now = self.clock.now()
-        for notification in batch:
-            await self.notifications.skip(notification.id, now)
         if batch:
+            await self.notifications.skip([n.id for n in batch], self.clock.now())
             log.debug(
                 "skipped",
                 extra={

@@ -1,6 +1,7 @@
-"""The request's edge, before routing: who is calling (trusted proxies) and whether the
-request's body framing can be read (Content-Length, Transfer-Encoding), once for every
-route."""
+"""The request's edge, before routing: who is calling, and whether its body can be read.
+
+Once for every route: the caller comes from the trusted proxies, the body framing from
+Content-Length and Transfer-Encoding."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""GET /ws, the companion app's live feed (contract 5): checks before the upgrade, then the
-subscribe / unsubscribe / ping protocol. The fan-out hub (daemon/fanout.py) does the sending."""
+"""GET /ws, the companion app's live feed (contract 5): upgrade checks, then the subscribe protocol.
+
+The protocol is subscribe / unsubscribe / ping; the fan-out hub (daemon/fanout.py) does the
+sending."""
 
 from __future__ import annotations
 

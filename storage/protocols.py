@@ -242,8 +242,9 @@ class NotificationRepository(NotificationReader, NotificationFeed, Protocol):
         later. Returns it with its deliveries. Publishing twice returns the stored notification
         (with its deliveries) unchanged."""
 
-    async def skip(self, notification_id: int, now: float) -> None:
-        """Its sync brought nothing new: kept for operators, never published."""
+    async def skip(self, notification_ids: builtins.list[int], now: float) -> None:
+        """Their sync brought nothing new: kept for operators, never published. One write for
+        all of them; only `received` ones change (published and unknown ids are left alone)."""
 
     async def purge(self, published_before: float, received_before: float) -> int:
         """Drop what rules.purge_plan lets go (published notifications whose deliveries are all

@@ -1,10 +1,17 @@
-"""Fixtures that run the real service on 127.0.0.1 for HTTP-level tests."""
+"""The shared fixtures and helpers: the emulator, a store, mrm_api's endpoint, the real service.
+
+Import a fixture by name into the test module that uses it; a module may override one (its own
+`clock`, say), and the fixtures that take it then get that one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,16 @@ from daemon.clock import Clock, ManualClock
 from daemon.configfile import load_config
 from daemon.emulator.app import Emulator
 from daemon.emulator.fcm import FcmEmulator
+from daemon.emulator.keys import write_key_info, write_service_account
 from daemon.google_calendar import GoogleCalendar
+from storage.sqlite import SqliteStore
+from tests.mrm_api import MrmApi, start_mrm_api
 
 API_KEY = "test-api-key-0123456789abcdef"
+PROJECT = "mrm-push-emulator"  # the emulator's Firebase project
+KEY_FILE = "service-account.json"  # the emulator's key, in the test's directory
+STORE_FILE = "store.sqlite3"  # the `store` fixture's, in the test's directory
+EXECUTOR_THREADS = 4
 
 
 def write_config(directory: Path, overrides: dict[str, Any] | None = None) -> Path:
@@ -44,15 +58,38 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+@functools.cache
+def service_account() -> dict[str, Any]:
+    """One service-account key for the run (making an RSA key takes a noticeable fraction of
+    a second); each emulator trusts it, with its own token_uri."""
+    with tempfile.TemporaryDirectory() as directory:
+        return write_service_account(
+            Path(directory) / KEY_FILE,
+            token_uri="http://unused/token",
+            client_email=f"mrm-push@{PROJECT}.iam.gserviceaccount.com",
+            project_id=PROJECT,
+        )
+
+
 @pytest.fixture
 def emulator(io_loop, clock, tmp_path) -> Iterator[Emulator]:
-    """The Google (and FCM) emulator on a free port, on the test's movable clock."""
+    """The Google and FCM emulator on a free port, on the test's movable clock; its key is in
+    the test's directory (`key_file`)."""
     emulator = Emulator(clock)
-    emulator.fcm = FcmEmulator(emulator.oauth, clock, project_id="mrm-push-emulator")
+    emulator.fcm = FcmEmulator(emulator.oauth, clock, project_id=PROJECT)
     emulator.start()
-    emulator.write_service_account(str(tmp_path / "service-account.json"))
+    info = dict(service_account(), token_uri=emulator.token_url)
+    write_key_info(tmp_path / KEY_FILE, info)
+    emulator.oauth.register(info)
     yield emulator
+    emulator.fcm.release()  # a test that failed half-way leaves no FCM request held
     emulator.stop()
+
+
+@pytest.fixture
+def key_file(emulator, tmp_path) -> str:
+    """The path of the emulator's service-account key."""
+    return str(tmp_path / KEY_FILE)
 
 
 def emulator_config(emulator: Emulator, key_file: str) -> dict[str, Any]:
@@ -64,10 +101,36 @@ def emulator_config(emulator: Emulator, key_file: str) -> dict[str, Any]:
         },
         "fcm": {
             "service_account_file": key_file,
-            "project_id": "mrm-push-emulator",
+            "project_id": PROJECT,
             "endpoint": emulator.base_url,
         },
     }
+
+
+@pytest.fixture
+def store(io_loop, tmp_path) -> Iterator[SqliteStore]:
+    """A SQLite store in the test's directory (STORE_FILE), open (closed after the test)."""
+    opened = SqliteStore(str(tmp_path / STORE_FILE))
+    io_loop.run_sync(opened.open)
+    yield opened
+    io_loop.run_sync(opened.close)
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    """Threads for an FCM sender's blocking work."""
+    pool = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def backend(io_loop) -> Iterator[MrmApi]:
+    """mrm_api's GraphQL endpoint (tests/mrm_api.py) on a free port of 127.0.0.1."""
+    api, server = start_mrm_api()
+    yield api
+    api.release()
+    server.stop()
 
 
 @pytest.fixture

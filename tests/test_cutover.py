@@ -17,7 +17,15 @@ from tornado.web import Application, RequestHandler
 from daemon.app import Service
 from daemon.configfile import load_config
 from tests import mrm_api
-from tests.fixtures import API_KEY, call, clock, emulator, make_service, write_config  # noqa: F401
+from tests.fixtures import (  # noqa: F401
+    API_KEY,
+    backend,
+    call,
+    clock,
+    emulator,
+    make_service,
+    write_config,
+)
 
 ROOM = "room-1@resource.calendar.google.com"
 OTHER_ROOM = "room-2@resource.calendar.google.com"
@@ -135,18 +143,11 @@ async def test_mrm_api_s_calls_work_from_an_allowed_address_behind_a_trusted_pro
     assert await service.store.rooms.get(OTHER_ROOM) is None
 
 
-@pytest.fixture
-def mrm_api_server(io_loop):
-    api, server = mrm_api.start_mrm_api()
-    yield api
-    server.stop()
-
-
 @pytest.mark.gen_test(timeout=30)
 async def test_refresh_and_notify_fit_mrm_api_s_schema_without_a_token(
-    make_service, emulator, clock, mrm_api_server
+    make_service, emulator, clock, backend
 ):
-    api = mrm_api_server
+    api = backend
     api.rooms = [
         {"calendarId": ROOM, "firebaseToken": TABLET, "name": "Blue"},
         {"calendarId": OTHER_ROOM, "firebaseToken": None, "name": "Red"},
@@ -158,7 +159,7 @@ async def test_refresh_and_notify_fit_mrm_api_s_schema_without_a_token(
     await emulator.google.drain()
     emulator.google.insert_event(ROOM, summary="Standup")
     await emulator.fcm.wait_for(TABLET, 1, 10)
-    calls = await api.wait_for_calls(2)
+    calls = await api.wait_for(2)
     refresh, notify = calls[:2]
     for made in (refresh, notify):
         assert made.errors == [], made  # valid against mrm_api's schema
@@ -193,9 +194,9 @@ def test_a_backend_url_turns_on_the_hourly_refresh(tmp_path, backend, interval):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_a_schema_mismatch_is_seen_by_the_fake(mrm_api_server):
+async def test_a_schema_mismatch_is_seen_by_the_fake(backend):
     # The fake refuses what mrm_api would refuse, so the test above can fail.
-    answer = mrm_api_server.execute(
-        {"query": 'mutation { mrmNotification(calendar_id: "x") { message } }'}, {}
-    )
+    query = 'mutation { mrmNotification(calendar_id: "x") { message } }'
+    answer = backend.execute({"query": query})
     assert answer["errors"]
+    assert mrm_api.query_errors(query)  # what a call's `errors` record

@@ -1,33 +1,36 @@
 """The delivery worker: a real SQLite outbox, the firebase-admin sender against the FCM emulator,
-a small GraphQL app for the backend, and a ManualClock that only moves when the test says so."""
+mrm_api's GraphQL endpoint for the backend, and a ManualClock that moves when the test says so."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
-from tornado.web import Application, RequestHandler
 
 from daemon.clock import ManualClock
 from daemon.config import Backend, Config, Fcm
 from daemon.delivery import IDLE_CHECK, NOTIFY_MUTATION, DeliveryWorker
-from daemon.emulator.app import Emulator
-from daemon.emulator.fcm import FcmEmulator
 from daemon.fcm import make_sender
 from daemon.fcm_hold import MISMATCH_WINDOW, PROBE_INTERVAL
 from daemon.fcm_message import DATA_LIMIT, fcm_data
 from daemon.readiness import NotReady
 from storage.base import FINAL_DELIVERY_STATES, Delivery, Notification, Target
 from storage.sqlite import SqliteStore
+from tests.fixtures import (  # noqa: F401
+    EXECUTOR_THREADS,
+    PROJECT,
+    backend,
+    emulator,
+    executor,
+    key_file,
+    store,
+)
+from tests.mrm_api import MrmApi
 
-PROJECT = "mrm-push-emulator"
 CAL = "room-1@resource.calendar.google.com"
 CAL_2 = "room-2@resource.calendar.google.com"
 BACKEND_TOKEN = "backend-secret-token"
@@ -68,111 +71,11 @@ class WatchedClock(ManualClock):
 
 @pytest.fixture
 def clock() -> WatchedClock:
-    return WatchedClock()
+    return WatchedClock()  # the emulator fixture runs on it too
 
 
 @pytest.fixture
-def emu(io_loop, clock, tmp_path):
-    emulator = Emulator(clock)
-    emulator.fcm = FcmEmulator(emulator.oauth, clock, project_id=PROJECT)
-    emulator.start()
-    emulator.key_file = str(tmp_path / "service-account.json")
-    emulator.write_service_account(emulator.key_file)
-    yield emulator
-    emulator.fcm.release()
-    emulator.stop()
-
-
-@pytest.fixture
-def store(io_loop, tmp_path):
-    opened = SqliteStore(str(tmp_path / "store.sqlite3"))
-    io_loop.run_sync(opened.open)
-    yield opened
-    io_loop.run_sync(opened.close)
-
-
-EXECUTOR_THREADS = 4
-
-
-@pytest.fixture
-def executor():
-    pool = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS)
-    yield pool
-    pool.shutdown(wait=True)
-
-
-class FakeBackend:
-    """mrm_api's GraphQL endpoint: records requests; answers from `answers` (status, body,
-    headers), else a normal mutation answer; holds every answer while `gate` is set."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests: list[dict[str, Any]] = []
-        self.answers: deque[tuple[int, Any, dict[str, str]]] = deque()
-        self.gate: asyncio.Event | None = None
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-
-    def answer(self, status: int, body: Any, count: int = 1, **headers: str) -> None:
-        self.answers.extend([(status, body, headers)] * count)
-
-    def note(self, request: dict[str, Any]) -> None:
-        self.requests.append(request)
-        for count, future in self._waiters:
-            if len(self.requests) >= count and not future.done():
-                future.set_result(None)
-
-    async def wait_for(self, count: int, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        if len(self.requests) >= count:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((count, future))
-        await asyncio.wait_for(future, timeout)
-
-
-class GraphQLHandler(RequestHandler):
-    def initialize(self, fake: FakeBackend) -> None:
-        self.fake = fake
-
-    def check_xsrf_cookie(self) -> None:
-        pass
-
-    async def post(self) -> None:
-        self.fake.note(
-            {
-                "authorization": self.request.headers.get("Authorization"),
-                "content_type": self.request.headers.get("Content-Type"),
-                "body": json.loads(self.request.body),
-            }
-        )
-        if self.fake.gate is not None:
-            await self.fake.gate.wait()
-        status, body, headers = (
-            self.fake.answers.popleft()
-            if self.fake.answers
-            else (200, {"data": {"mrmNotification": {"message": "OK"}}}, {})
-        )
-        self.set_status(status)
-        for name, value in headers.items():
-            self.set_header(name.replace("_", "-"), value)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body))
-
-
-@pytest.fixture
-def backend(io_loop):
-    fake = FakeBackend()
-    sock, port = bind_unused_port()
-    server = HTTPServer(Application([(r"/graphql", GraphQLHandler, {"fake": fake})]))
-    server.add_sockets([sock])
-    fake.url = f"http://127.0.0.1:{port}/graphql"
-    yield fake
-    if fake.gate is not None:
-        fake.gate.set()
-    server.stop()
-
-
-@pytest.fixture
-def make_worker(io_loop, store, clock, emu, executor):
+def make_worker(io_loop, store, clock, emulator, key_file, executor):
     senders = []
 
     def make(
@@ -186,9 +89,9 @@ def make_worker(io_loop, store, clock, emu, executor):
         if kw.pop("with_sender", True):
             sender = make_sender(
                 kw.pop("fcm_backend", "firebase-admin"),
-                service_account_file=emu.key_file,
+                service_account_file=key_file,
                 project_id=PROJECT,
-                endpoint=emu.base_url,
+                endpoint=emulator.base_url,
                 attempt_timeout=5.0,
                 executor=kw.pop("executor", executor),
                 threads=kw.pop("threads", EXECUTOR_THREADS),
@@ -205,7 +108,7 @@ def make_worker(io_loop, store, clock, emu, executor):
         io_loop.run_sync(sender.close)
 
 
-def backend_settings(fake: FakeBackend, **more: Any) -> dict[str, Any]:
+def backend_settings(fake: MrmApi, **more: Any) -> dict[str, Any]:
     return {"url": fake.url, "notify": True, **more}
 
 
@@ -326,12 +229,12 @@ def test_ids_that_just_fit_are_kept_and_one_byte_more_is_a_full_resync():
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_message_sent_per_token_with_exact_fields(store, clock, emu, make_worker):
+async def test_message_sent_per_token_with_exact_fields(store, clock, emulator, make_worker):
     worker = make_worker()
     notification = await publish(store, clock, (TOKEN, TOKEN_B), changes=[change("ev1")])
     assert await worker.run_once() == 2
     for token in (TOKEN, TOKEN_B):
-        [message] = emu.fcm.messages(token)
+        [message] = emulator.fcm.messages(token)
         assert message["message"] == {
             "token": token,
             "data": expected_data(notification, ["ev1"]),
@@ -343,16 +246,16 @@ async def test_message_sent_per_token_with_exact_fields(store, clock, emu, make_
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_too_many_ids_go_out_as_full_resync(store, clock, emu, make_worker):
+async def test_too_many_ids_go_out_as_full_resync(store, clock, emulator, make_worker):
     worker = make_worker()
     long_ids = [f"{i:04d}" + "v" * 60 for i in range(200)]
     big = await publish(store, clock, changes=[change(i) for i in long_ids])
     fits = ids_of_size(DATA_LIMIT - 1)
     small = await publish(store, clock, (TOKEN_B,), changes=[change(i) for i in fits])
     assert await worker.run_once() == 2
-    [message] = emu.fcm.messages(TOKEN)
+    [message] = emulator.fcm.messages(TOKEN)
     assert message["message"]["data"] == expected_data(big, [], full="1")
-    [message] = emu.fcm.messages(TOKEN_B)
+    [message] = emulator.fcm.messages(TOKEN_B)
     assert message["message"]["data"] == expected_data(small, fits)
 
 
@@ -372,12 +275,12 @@ async def test_too_many_ids_go_out_as_full_resync(store, clock, emu, make_worker
     ],
 )
 async def test_refused_token_is_tombstoned_and_its_other_deliveries_cancelled(
-    store, clock, emu, make_worker, caplog, state, error
+    store, clock, emulator, make_worker, caplog, state, error
 ):
     caplog.set_level(logging.DEBUG, logger="daemon")
     worker = make_worker()
     await store.rooms.put(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
-    emu.fcm.set_state(TOKEN, state)
+    emulator.fcm.set_state(TOKEN, state)
     first = await publish(store, clock, (TOKEN, TOKEN_B))
     later = await publish(store, clock, (TOKEN,))
     # The later one waits for a retry: it is pending, not due, when the token is refused.
@@ -404,10 +307,10 @@ async def test_refused_token_is_tombstoned_and_its_other_deliveries_cancelled(
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_other_400_fails_at_once_with_fcms_message(store, clock, emu, make_worker):
+async def test_other_400_fails_at_once_with_fcms_message(store, clock, emulator, make_worker):
     worker = make_worker()
     await store.rooms.put(CAL, "Room", [TOKEN], clock.now())
-    emu.fcm.fail(TOKEN, 400, message="Invalid data payload key: from")
+    emulator.fcm.fail(TOKEN, 400, message="Invalid data payload key: from")
     notification = await publish(store, clock)
     assert await worker.run_once() == 1
     failed = await delivery(store, notification, TOKEN)
@@ -418,9 +321,9 @@ async def test_other_400_fails_at_once_with_fcms_message(store, clock, emu, make
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_unavailable_twice_then_sent_on_the_clock(store, clock, emu, make_worker):
+async def test_unavailable_twice_then_sent_on_the_clock(store, clock, emulator, make_worker):
     worker = make_worker()
-    emu.fcm.fail(TOKEN, 503, count=2)
+    emulator.fcm.fail(TOKEN, 503, count=2)
     notification = await publish(store, clock)
     start = clock.now()
     assert await worker.run_once() == 1
@@ -433,7 +336,7 @@ async def test_unavailable_twice_then_sent_on_the_clock(store, clock, emu, make_
     assert await worker.run_once() == 0
     clock.set(first.next_attempt_at - 0.01)
     assert await worker.run_once() == 0
-    assert emu.fcm.attempts(TOKEN) == 1
+    assert emulator.fcm.attempts(TOKEN) == 1
 
     clock.set(first.next_attempt_at)
     assert await worker.run_once() == 1
@@ -442,20 +345,20 @@ async def test_unavailable_twice_then_sent_on_the_clock(store, clock, emu, make_
     assert 10 <= second.next_attempt_at - clock.now() <= 20
     clock.set(second.next_attempt_at - 0.01)
     assert await worker.run_once() == 0
-    assert emu.fcm.attempts(TOKEN) == 2 and emu.fcm.messages(TOKEN) == []
+    assert emulator.fcm.attempts(TOKEN) == 2 and emulator.fcm.messages(TOKEN) == []
 
     clock.set(second.next_attempt_at)
     assert await worker.run_once() == 1
     sent = await delivery(store, notification, TOKEN)
     assert (sent.state, sent.attempts) == ("sent", 3)
-    assert len(emu.fcm.messages(TOKEN)) == 1
+    assert len(emulator.fcm.messages(TOKEN)) == 1
     assert (worker.retried, worker.sent) == (2, 1)
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_retry_after_is_honoured(store, clock, emu, make_worker):
+async def test_retry_after_is_honoured(store, clock, emulator, make_worker):
     worker = make_worker()
-    emu.fcm.fail(TOKEN, 429, retry_after=120)
+    emulator.fcm.fail(TOKEN, 429, retry_after=120)
     notification = await publish(store, clock)
     start = clock.now()
     assert await worker.run_once() == 1
@@ -464,17 +367,17 @@ async def test_retry_after_is_honoured(store, clock, emu, make_worker):
     assert waiting.last_error.startswith("QUOTA_EXCEEDED (HTTP 429)")
     clock.set(start + 119.9)
     assert await worker.run_once() == 0
-    assert emu.fcm.attempts(TOKEN) == 1
+    assert emulator.fcm.attempts(TOKEN) == 1
     clock.set(start + 120)
     assert await worker.run_once() == 1
     assert (await delivery(store, notification, TOKEN)).state == "sent"
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_max_attempts_then_failed_with_the_last_error(store, clock, emu, make_worker):
+async def test_max_attempts_then_failed_with_the_last_error(store, clock, emulator, make_worker):
     worker = make_worker(fcm={"max_attempts": 3})
-    emu.fcm.fail(TOKEN, 500, count=2)
-    emu.fcm.fail(TOKEN, 503, count=5)
+    emulator.fcm.fail(TOKEN, 500, count=2)
+    emulator.fcm.fail(TOKEN, 503, count=5)
     notification = await publish(store, clock)
     await run_until_settled(worker, store, clock)
     failed = await delivery(store, notification, TOKEN)
@@ -482,20 +385,20 @@ async def test_max_attempts_then_failed_with_the_last_error(store, clock, emu, m
     assert failed.last_error == (
         "UNAVAILABLE (HTTP 503): The service is currently unavailable. (gave up after 3 attempts)"
     )
-    assert emu.fcm.attempts(TOKEN) == 3
+    assert emulator.fcm.attempts(TOKEN) == 3
     assert (worker.retried, worker.failed, worker.sent) == (2, 1, 0)
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_every_delivery_ends_final_none_lost(store, clock, emu, backend, make_worker):
+async def test_every_delivery_ends_final_none_lost(store, clock, emulator, backend, make_worker):
     worker = make_worker(fcm={"max_attempts": 3}, backend=backend_settings(backend, max_attempts=2))
     tokens = [tok(f"m{i}") for i in range(8)]
     await store.rooms.put(CAL, "Room", tokens, clock.now())
-    emu.fcm.set_state(tokens[0], "unregistered")
-    emu.fcm.fail(tokens[1], 503, count=100)
-    emu.fcm.fail(tokens[2], 400, count=100)
-    emu.fcm.fail(tokens[3], 429, count=1, retry_after=30)
-    emu.fcm.fail(tokens[4], 500, count=1)
+    emulator.fcm.set_state(tokens[0], "unregistered")
+    emulator.fcm.fail(tokens[1], 503, count=100)
+    emulator.fcm.fail(tokens[2], 400, count=100)
+    emulator.fcm.fail(tokens[3], 429, count=1, retry_after=30)
+    emulator.fcm.fail(tokens[4], 500, count=1)
     backend.answer(500, {"errors": [{"message": "down"}]}, count=100)
     published = [await publish(store, clock, tokens, notify=True) for _ in range(3)]
     await run_until_settled(worker, store, clock)
@@ -517,13 +420,13 @@ def breaker_log(caplog) -> list[logging.LogRecord]:
 
 @pytest.mark.gen_test(timeout=20)
 async def test_five_mismatching_tokens_are_dropped_breaker_stays_closed(
-    store, clock, emu, make_worker, caplog
+    store, clock, emulator, make_worker, caplog
 ):
     worker = make_worker()  # mismatch_breaker 5: "more than 5" opens it
     tokens = [tok(f"x{i}") for i in range(5)]
     await store.rooms.put(CAL, "Room", tokens, clock.now())
     for token in tokens:
-        emu.fcm.set_state(token, "sender_id_mismatch")
+        emulator.fcm.set_state(token, "sender_id_mismatch")
     notification = await publish(store, clock, tokens)
     assert await worker.run_once() == 5
     assert not worker.breaker_open
@@ -542,7 +445,7 @@ async def test_five_mismatching_tokens_are_dropped_breaker_stays_closed(
     clock.advance(MISMATCH_WINDOW)
     late = tok("late")
     await store.rooms.add_tokens(CAL, [late], clock.now(), respect_tombstones=True)
-    emu.fcm.set_state(late, "sender_id_mismatch")
+    emulator.fcm.set_state(late, "sender_id_mismatch")
     await publish(store, clock, (late,))
     assert await worker.run_once() == 1
     assert not worker.breaker_open
@@ -550,13 +453,15 @@ async def test_five_mismatching_tokens_are_dropped_breaker_stays_closed(
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make_worker, caplog):
+async def test_sixth_mismatching_token_opens_the_breaker(
+    store, clock, emulator, make_worker, caplog
+):
     worker = make_worker()
     bad = [tok(f"x{i}") for i in range(7)]
     good = tok("good")
     await store.rooms.put(CAL, "Room", [*bad, good], clock.now())
     for token in bad:
-        emu.fcm.set_state(token, "sender_id_mismatch")
+        emulator.fcm.set_state(token, "sender_id_mismatch")
 
     # Six different tokens mismatch at once: five are dropped, the sixth opens the breaker.
     first = await publish(store, clock, bad[:6])
@@ -577,9 +482,9 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
 
     # While open: FCM deliveries wait untouched (not even claimed), no token is dropped.
     second = await publish(store, clock, (bad[6], good))
-    attempts_before = emu.fcm.requests
+    attempts_before = emulator.fcm.requests
     assert await worker.run_once() == 0
-    assert emu.fcm.requests == attempts_before
+    assert emulator.fcm.requests == attempts_before
     assert await waiting_untouched(store, second)
     room = await store.rooms.get(CAL)
     assert kept.target.token in room.firebase_tokens and bad[6] in room.firebase_tokens
@@ -590,8 +495,8 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     # breaker open and that delivery goes behind the others.
     clock.set(opened_at + PROBE_INTERVAL)
     assert await worker.run_once() == 1
-    assert emu.fcm.requests == attempts_before + 1
-    assert emu.fcm.attempts(bad[6]) == 1
+    assert emulator.fcm.requests == attempts_before + 1
+    assert emulator.fcm.attempts(bad[6]) == 1
     assert worker.breaker_open and worker.dropped_tokens == 5
     probed_at = clock.now()
     probed = await delivery(store, second, bad[6])
@@ -599,7 +504,7 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
     assert probed.next_attempt_at == probed_at + PROBE_INTERVAL
     assert probed.last_error.startswith("held: SENDER_ID_MISMATCH breaker open; probe: ")
     assert await worker.run_once() == 0  # the others: still untouched until the next probe
-    assert emu.fcm.requests == attempts_before + 1
+    assert emulator.fcm.requests == attempts_before + 1
     assert (await delivery(store, second, good)).updated_at == second.published_at
     assert await worker.next_due() == probed_at + PROBE_INTERVAL
     with pytest.raises(NotReady, match="last probe: SENDER_ID_MISMATCH"):
@@ -607,7 +512,7 @@ async def test_sixth_mismatching_token_opens_the_breaker(store, clock, emu, make
 
     # FCM accepts again (the project was put right): the next probe is sent and closes it.
     for token in bad:
-        emu.fcm.set_state(token, "valid")
+        emulator.fcm.set_state(token, "valid")
     clock.set(probed_at + PROBE_INTERVAL)
     assert await worker.run_once() == 1
     assert not worker.breaker_open
@@ -632,18 +537,18 @@ async def waiting_untouched(store, notification: Notification) -> bool:
 
 @pytest.mark.gen_test(timeout=20)
 async def test_while_held_the_loop_sleeps_until_the_probe_and_rewrites_nothing(
-    store, clock, emu, make_worker
+    store, clock, emulator, make_worker
 ):
     worker = make_worker()
     bad = [tok(f"x{i}") for i in range(6)]
     waiting_tokens = [tok(f"w{i}") for i in range(50)]
     for token in bad + waiting_tokens:
-        emu.fcm.set_state(token, "sender_id_mismatch")  # the project is wrong for all of them
+        emulator.fcm.set_state(token, "sender_id_mismatch")  # the project is wrong for all of them
     await publish(store, clock, bad)
     assert await worker.run_once() == 6 and worker.breaker_open
     probe_at = clock.now() + PROBE_INTERVAL
     waiting = [await publish(store, clock, (token,)) for token in waiting_tokens]
-    requests = emu.fcm.requests
+    requests = emulator.fcm.requests
 
     runner = asyncio.ensure_future(worker.run())
     assert await asyncio.wait_for(clock.naps.get(), 5) == pytest.approx(probe_at)  # no spin
@@ -651,19 +556,19 @@ async def test_while_held_the_loop_sleeps_until_the_probe_and_rewrites_nothing(
     late = await publish(store, clock, (tok("late"),))
     worker.wake()
     assert await asyncio.wait_for(clock.naps.get(), 5) == pytest.approx(probe_at)
-    assert emu.fcm.requests == requests
+    assert emulator.fcm.requests == requests
     assert all([await waiting_untouched(store, n) for n in [*waiting, late]])
 
     # At the probe time, one request (the oldest waiting delivery); it mismatches again, and
     # the loop sleeps until the next probe.
     clock.set(probe_at)
-    await emu.fcm.wait_for_attempts(waiting_tokens[0], 1)
+    await emulator.fcm.wait_for_attempts(waiting_tokens[0], 1)
     await worker.drain(5)
     naps = [await asyncio.wait_for(clock.naps.get(), 5)]
     while naps[-1] != pytest.approx(probe_at + PROBE_INTERVAL):
         assert len(naps) < 5, naps  # the probe's answer may come before or after one nap
         naps.append(await asyncio.wait_for(clock.naps.get(), 5))
-    assert emu.fcm.requests == requests + 1
+    assert emulator.fcm.requests == requests + 1
     assert all([await waiting_untouched(store, n) for n in [*waiting[1:], late]])
     await worker.stop(5)
     assert runner.done() and runner.exception() is None
@@ -671,11 +576,11 @@ async def test_while_held_the_loop_sleeps_until_the_probe_and_rewrites_nothing(
 
 @pytest.mark.gen_test(timeout=20)
 async def test_a_404_without_an_error_code_holds_fcm_and_drops_no_token(
-    store, clock, emu, make_worker, caplog
+    store, clock, emulator, make_worker, caplog
 ):
     worker = make_worker()
     await store.rooms.put(CAL, "Room", [TOKEN, TOKEN_B], clock.now())
-    emu.fcm.fail(None, 404, count=2)  # a wrong endpoint: Google's front end, HTML
+    emulator.fcm.fail(None, 404, count=2)  # a wrong endpoint: Google's front end, HTML
     first = await publish(store, clock, (TOKEN, TOKEN_B))
     opened_at = clock.now()
     assert await worker.run_once() == 2
@@ -703,12 +608,85 @@ async def test_a_404_without_an_error_code_holds_fcm_and_drops_no_token(
     await worker.check()
 
 
+class HeldFinish:
+    """An outbox whose next `finish` waits until the test lets it go (`taken` says it came)."""
+
+    def __init__(self, outbox: Any) -> None:
+        self._outbox = outbox
+        self.taken = asyncio.Event()
+        self.release = asyncio.Event()
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outbox, name)
+
+    async def finish(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            self.taken.set()
+            await self.release.wait()
+        return await self._outbox.finish(*args, **kwargs)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_probe_whose_record_is_slow_does_not_end_the_next_probe(
+    store, clock, emulator, key_file, executor
+):
+    # The probe's answer came (the next one is due in PROBE_INTERVAL) but recording it takes
+    # longer; the next probe goes meanwhile. The first one's end must not count as the second's:
+    # that would let a third probe go beside it.
+    sender = make_sender(
+        "firebase-admin",
+        service_account_file=key_file,
+        project_id=PROJECT,
+        endpoint=emulator.base_url,
+        attempt_timeout=5.0,
+        executor=executor,
+        threads=EXECUTOR_THREADS,
+        clock=clock,
+    )
+    outbox = HeldFinish(store.outbox)
+    worker = DeliveryWorker(
+        outbox, store.notifications, store.rooms, sender, clock, Config(), BACKEND_TOKEN
+    )
+    running: list[asyncio.Future[int]] = []
+    try:
+        tokens = [tok(f"h{i}") for i in range(3)]
+        emulator.fcm.fail(None, 404, count=2)  # the hold opens, and the first probe fails
+        await publish(store, clock, tokens[:1])
+        assert await worker.run_once() == 1 and worker.breaker_open
+        await publish(store, clock, tokens[1:])  # due before the held one: probed first
+        clock.advance(PROBE_INTERVAL)
+        outbox.armed = True
+        running.append(asyncio.ensure_future(worker.run_once()))  # its record is held
+        await asyncio.wait_for(outbox.taken.wait(), 5)
+        clock.advance(PROBE_INTERVAL)
+        emulator.fcm.hold_answers()
+        running.append(asyncio.ensure_future(worker.run_once()))  # the next probe
+        await emulator.fcm.wait_for_attempts(tokens[2], 1)
+        assert worker.hold.probing
+        outbox.release.set()
+        assert await running[0] == 1
+        assert worker.hold.probing  # the second probe is still under way
+        assert await worker.run_once() == 0  # so no other one goes beside it
+        emulator.fcm.release()
+        assert await running[1] == 1
+        assert not worker.breaker_open
+    finally:
+        outbox.release.set()
+        emulator.fcm.release()
+        for future in running:
+            future.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await sender.close()
+
+
 # -- leases, restarts, stop ------------------------------------------------------------------
 
 
 @pytest.mark.gen_test(timeout=20)
 @pytest.mark.parametrize("recovery", ["release_claims", "lease_expiry"])
-async def test_a_claim_survives_a_crash(clock, emu, make_worker, tmp_path, recovery):
+async def test_a_claim_survives_a_crash(clock, emulator, make_worker, tmp_path, recovery):
     path = str(tmp_path / "crash.sqlite3")
     crashed = SqliteStore(path)
     await crashed.open()
@@ -730,96 +708,100 @@ async def test_a_claim_survives_a_crash(clock, emu, make_worker, tmp_path, recov
         assert await worker.run_once() == 1
         sent = await delivery(reopened, notification, TOKEN)
         assert (sent.state, sent.attempts) == ("sent", 1)
-        assert len(emu.fcm.messages(TOKEN)) == 1
+        assert len(emulator.fcm.messages(TOKEN)) == 1
     finally:
         await reopened.close()
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_worker_leases_cover_the_attempt(store, clock, emu, make_worker):
+async def test_worker_leases_cover_the_attempt(store, clock, emulator, make_worker):
     worker = make_worker()
-    emu.fcm.hold_answers(TOKEN)
+    emulator.fcm.hold_answers(TOKEN)
     notification = await publish(store, clock)
     running = asyncio.ensure_future(worker.run_once())
-    await emu.fcm.wait_for_attempts(TOKEN, 1)
+    await emulator.fcm.wait_for_attempts(TOKEN, 1)
     in_flight = await delivery(store, notification, TOKEN)
     assert in_flight.state == "in_flight"
     assert in_flight.lease_until >= clock.now() + 2 * 5 + 30
-    emu.fcm.release()
+    emulator.fcm.release()
     assert await running == 1
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_the_worker_claims_no_more_pyfcm_attempts_than_there_are_threads(
-    store, clock, emu, make_worker
+    store, clock, emulator, make_worker
 ):
     pool = ThreadPoolExecutor(max_workers=2)
     try:
         worker = make_worker(fcm_backend="pyfcm", executor=pool, threads=2)
         tokens = [tok(f"p{i}") for i in range(5)]
-        emu.fcm.hold_answers()
+        emulator.fcm.hold_answers()
         notification = await publish(store, clock, tokens)
         running = asyncio.ensure_future(worker.run_once())
-        await emu.fcm.wait_for_attempts(tokens[0], 1)
-        await emu.fcm.wait_for_attempts(tokens[1], 1)
+        await emulator.fcm.wait_for_attempts(tokens[0], 1)
+        await emulator.fcm.wait_for_attempts(tokens[1], 1)
         # The other three stay pending in the store, not claimed to wait for a thread (where
         # the attempt's guard would run out on them).
         assert await store.outbox.count("in_flight") == 2
         assert await store.outbox.count("pending") == 3
-        emu.fcm.release()
+        emulator.fcm.release()
         assert await running == 2
         await run_until_settled(worker, store, clock)
         assert await states(store, notification) == ["sent"] * 5
     finally:
-        emu.fcm.release()
+        emulator.fcm.release()
         pool.shutdown(wait=True)
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_run_loop_sends_and_retries_on_the_clock_then_stops(store, clock, emu, make_worker):
+async def test_run_loop_sends_and_retries_on_the_clock_then_stops(
+    store, clock, emulator, make_worker
+):
     worker = make_worker()
     runner = asyncio.ensure_future(worker.run())
-    emu.fcm.fail(TOKEN, 503)
+    emulator.fcm.fail(TOKEN, 503)
     notification = await publish(store, clock)
     worker.wake()
-    await emu.fcm.wait_for_attempts(TOKEN, 1)
+    await emulator.fcm.wait_for_attempts(TOKEN, 1)
     await worker.drain(5)
     waiting = await delivery(store, notification, TOKEN)
     assert (waiting.state, waiting.attempts) == ("pending", 1)
     clock.set(waiting.next_attempt_at)
-    await emu.fcm.wait_for(TOKEN, 1)
+    await emulator.fcm.wait_for(TOKEN, 1)
     await worker.drain(5)
     assert (await delivery(store, notification, TOKEN)).state == "sent"
     await worker.stop(5)
     assert runner.done() and runner.exception() is None
-    assert emu.fcm.attempts(TOKEN) == 2
+    assert emulator.fcm.attempts(TOKEN) == 2
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_stop_leaves_an_unfinished_attempt_for_the_next_start(store, clock, emu, make_worker):
+async def test_stop_leaves_an_unfinished_attempt_for_the_next_start(
+    store, clock, emulator, make_worker
+):
     """The one duplicate the contract allows: FCM accepts after the process gave up."""
     worker = make_worker()
     runner = asyncio.ensure_future(worker.run())
-    emu.fcm.hold_answers(TOKEN)
+    emulator.fcm.hold_answers(TOKEN)
     notification = await publish(store, clock)
     worker.wake()
-    await emu.fcm.wait_for_attempts(TOKEN, 1)
+    await emulator.fcm.wait_for_attempts(TOKEN, 1)
     await worker.stop(0.2)
     assert runner.done()
     assert (await delivery(store, notification, TOKEN)).state == "in_flight"
-    emu.fcm.release()  # FCM accepts the abandoned request after all
+    emulator.fcm.release()  # FCM accepts the abandoned request after all
 
     assert await store.outbox.release_claims() == 1
     again = make_worker()
     assert await again.run_once() == 1
     sent = await delivery(store, notification, TOKEN)
     assert (sent.state, sent.attempts) == ("sent", 1)
-    assert len(await emu.fcm.wait_for(TOKEN, 2)) == 2
+    assert len(await emulator.fcm.wait_for(TOKEN, 2)) == 2
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_without_a_sender_fcm_deliveries_are_left_untouched_and_unready(
-    store, clock, emu, backend, make_worker
+    store, clock, emulator, backend, make_worker
 ):
     """FCM deliveries an older version made on a site without FCM: never claimed or rewritten
     (retention expires them); backend deliveries still go, and the loop does not spin."""
@@ -838,13 +820,13 @@ async def test_without_a_sender_fcm_deliveries_are_left_untouched_and_unready(
     assert await asyncio.wait_for(clock.naps.get(), 5) == clock.now() + IDLE_CHECK
     await worker.stop(5)
     assert runner.done() and runner.exception() is None
-    assert emu.fcm.requests == 0
+    assert emulator.fcm.requests == 0
     with pytest.raises(NotReady, match="not configured"):
         await worker.check()
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_retention_expires_what_never_became_final(store, clock, emu, make_worker):
+async def test_retention_expires_what_never_became_final(store, clock, emulator, make_worker):
     worker = make_worker(with_sender=False)
     old = await publish(store, clock)
     clock.advance(DAY)
@@ -863,11 +845,12 @@ async def test_backend_notify_uses_variables_and_bearer(store, clock, backend, m
     worker = make_worker(backend=backend_settings(backend))
     notification = await publish(store, clock, (), notify=True)
     assert await worker.run_once() == 1
-    [request] = backend.requests
-    assert request["authorization"] == f"Bearer {BACKEND_TOKEN}"
-    assert request["content_type"] == "application/json"
-    assert request["body"] == {"query": NOTIFY_MUTATION, "variables": {"calendarId": CAL}}
-    assert CAL not in request["body"]["query"]
+    [request] = backend.calls
+    assert request.errors == []  # it fits mrm_api's schema
+    assert request.authorization == f"Bearer {BACKEND_TOKEN}"
+    assert request.content_type == "application/json"
+    assert request.body == {"query": NOTIFY_MUTATION, "variables": {"calendarId": CAL}}
+    assert CAL not in request.body["query"]
     sent = await delivery(store, notification)
     assert (sent.state, sent.attempts, sent.last_error) == ("sent", 1, None)
 
@@ -880,7 +863,7 @@ async def test_backend_deliveries_of_a_calendar_due_together_make_one_call(
     published = [await publish(store, clock, (), notify=True) for _ in range(3)]
     other = await publish(store, clock, (), notify=True, calendar=CAL_2)
     assert await worker.run_once() == 4
-    calls = sorted(r["body"]["variables"]["calendarId"] for r in backend.requests)
+    calls = sorted(r.variables["calendarId"] for r in backend.calls)
     assert calls == [CAL, CAL_2]
     for notification in [*published, other]:
         sent = await delivery(store, notification)
@@ -899,12 +882,12 @@ async def test_one_backend_call_in_flight_per_calendar_and_one_waiting(
     await backend.wait_for(1)
     later = [await publish(store, clock, (), notify=True) for _ in range(2)]
     assert await worker.run_once() == 2  # claimed, waiting behind the call in flight
-    assert len(backend.requests) == 1
+    assert len(backend.calls) == 1
     assert await states(store, *later) == ["in_flight", "in_flight"]
 
     backend.gate.set()
     assert await calling == 1
-    assert len(backend.requests) == 2  # the two waiting ones made a single call
+    assert len(backend.calls) == 2  # the two waiting ones made a single call
     assert await states(store, first, *later) == ["sent"] * 3
 
 
@@ -927,11 +910,11 @@ async def test_waiting_backend_deliveries_join_a_failed_calls_retry(
     assert (failed_call.state, failed_call.attempts) == ("pending", 1)
     assert (waited.state, waited.attempts) == ("pending", 0)
     assert waited.next_attempt_at == failed_call.next_attempt_at
-    assert len(backend.requests) == 1
+    assert len(backend.calls) == 1
 
     clock.set(failed_call.next_attempt_at)
     assert await worker.run_once() == 2
-    assert len(backend.requests) == 2
+    assert len(backend.calls) == 2
     assert await states(store, first, later) == ["sent", "sent"]
 
 
@@ -960,7 +943,7 @@ async def test_backend_failure_is_retried(store, clock, backend, make_worker, st
     assert await worker.run_once() == 1
     sent = await delivery(store, notification)
     assert (sent.state, sent.attempts) == ("sent", 2)
-    assert len(backend.requests) == 2
+    assert len(backend.calls) == 2
 
 
 @pytest.mark.gen_test(timeout=20)

@@ -23,6 +23,7 @@ from daemon.fcm_firebase import FirebaseAdminSender
 from daemon.fcm_outcome import SendOutcome, classify, shorten
 from daemon.fcm_pyfcm import PyFcmSender
 from daemon.readiness import NotReady
+from tests.fixtures import EXECUTOR_THREADS, executor  # noqa: F401
 
 PROJECT = "mrm-push-test"
 TOKEN = "dGVzdC10YWJsZXQ:APA91bFakeTokenForTheEmulator_0123456789"
@@ -82,16 +83,6 @@ def start_emulator(io_loop, tmp_path):
 @pytest.fixture
 def emu(start_emulator):
     return start_emulator()
-
-
-EXECUTOR_THREADS = 4
-
-
-@pytest.fixture
-def executor():
-    pool = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS)
-    yield pool
-    pool.shutdown(wait=True)
 
 
 @pytest.fixture

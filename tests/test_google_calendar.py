@@ -23,11 +23,10 @@ from daemon.google_calendar import (
     TransientGoogleError,
     WatchResult,
 )
-from tests.fixtures import CalendarCallsHeld, list_pages  # noqa: F401
+from tests.fixtures import CalendarCallsHeld, list_pages, service_account  # noqa: F401
 
 CAL = "room-1@resource.calendar.google.com"
 SCOPE = "https://www.googleapis.com/auth/calendar.readonly"
-EMAIL = "mrm-push@p.iam.gserviceaccount.com"
 
 
 class Hook(tornado.web.RequestHandler):
@@ -67,22 +66,13 @@ class Env:
         return gateway
 
 
-@pytest.fixture(scope="module")
-def key_info(tmp_path_factory):
-    # One RSA key for the module: generating one takes a noticeable fraction of a second.
-    path = tmp_path_factory.mktemp("key") / "key.json"
-    return write_service_account(
-        path, token_uri="http://unused/token", client_email=EMAIL, project_id="p"
-    )
-
-
 @pytest.fixture
-def env(io_loop, tmp_path, key_info):
+def env(io_loop, tmp_path):
     clock = ManualClock()
     emu = Emulator(clock)
     emu.start()
     key_file = str(tmp_path / "key.json")
-    info = dict(key_info, token_uri=emu.token_url)
+    info = dict(service_account(), token_uri=emu.token_url)
     (tmp_path / "key.json").write_text(json.dumps(info))
     emu.oauth.register(info)
     hooks: list[dict[str, str]] = []

@@ -24,7 +24,7 @@ from daemon.configfile import ConfigError, load_config
 from daemon.lease import LEASE_NAME, InstanceLease, InstanceRunning, LeaseLost
 from storage.mongo import MongoStore
 from storage.sqlite import SqliteStore
-from tests.fixtures import call, write_config
+from tests.fixtures import call, store, write_config  # noqa: F401
 from tests.storage.test_mongo_specific import Faults, FlakyClient
 from tests.test_crash import ServiceProcess
 
@@ -48,14 +48,6 @@ class SteppingClock:
         self.time += seconds
         if self.meanwhile is not None:
             await self.meanwhile()
-
-
-@pytest.fixture
-def store(io_loop, tmp_path) -> Iterator[SqliteStore]:
-    opened = SqliteStore(str(tmp_path / "lease.sqlite3"))
-    io_loop.run_sync(opened.open)
-    yield opened
-    io_loop.run_sync(opened.close)
 
 
 def instance(store: SqliteStore, clock: SteppingClock, host: str, pid: int) -> InstanceLease:

@@ -10,8 +10,8 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from daemon.logs import JsonFormatter
-from tests.fixtures import API_KEY, call, clock, emulator, make_service, settle  # noqa: F401
-from tests.test_refresh import BACKEND_TOKEN, backend  # noqa: F401
+from tests.fixtures import API_KEY, backend, call, clock, emulator, make_service, settle  # noqa: F401
+from tests.test_refresh import BACKEND_TOKEN
 
 ROOM = "room-1@resource.calendar.google.com"
 ROOM_2 = "room-2@resource.calendar.google.com"
@@ -89,7 +89,7 @@ async def test_every_legacy_route_refuses_an_unknown_caller_and_logs_it(
             assert TOKEN_A not in json.dumps(line)  # the path only, never the query string
     assert (await service.store.rooms.list(), await service.store.channels.list()) == before
     assert len(emulator.google.calls) == google_calls
-    assert backend.requests == []
+    assert backend.calls == []
 
 
 @pytest.mark.parametrize(
@@ -343,7 +343,7 @@ async def test_refresh_answers_the_old_message_with_the_summary(
         clock=clock,
         emulator=emulator,
     )
-    backend.rooms((ROOM, TOKEN_A))
+    backend.serve_rooms((ROOM, TOKEN_A))
     status, answer = await legacy(service, "GET", "/refresh")
     assert status == 200, answer
     assert answer == {
@@ -354,7 +354,7 @@ async def test_refresh_answers_the_old_message_with_the_summary(
         "unchanged": 0,
         "failed": [],
     }
-    assert backend.requests[0]["authorization"] == f"Bearer {BACKEND_TOKEN}"
+    assert backend.calls[0].authorization == f"Bearer {BACKEND_TOKEN}"
     assert await tokens_of(service, ROOM) == [TOKEN_A]
     status, answer = await legacy(service, "POST", "/refresh")
     assert status == 200
@@ -370,7 +370,7 @@ async def test_refresh_flags_from_the_query_string_or_a_json_body(
         {**LOOPBACK, "backend": {"url": backend.url}}, clock=clock, emulator=emulator
     )
     await legacy(service, "POST", "/add_room", {"calendar_id": ROOM})
-    backend.rooms((ROOM_2, None))
+    backend.serve_rooms((ROOM_2, None))
     for method, path, body in [
         ("GET", "/refresh?dry_run=1&allow_prune=1", None),
         ("POST", "/refresh", {"dry_run": True, "allow_prune": True}),
@@ -399,7 +399,7 @@ async def test_refresh_reports_a_backend_http_error_as_502(make_service, emulato
     service = await make_service(
         {**LOOPBACK, "backend": {"url": backend.url}}, clock=clock, emulator=emulator
     )
-    backend.status = 500
+    backend.answer_always({"data": {"allRooms": {"rooms": []}}}, status=500)
     status, answer = await legacy(service, "POST", "/refresh", {"allow_prune": True})
     assert status == 502
     assert answer["error"]["code"] == "backend_error"

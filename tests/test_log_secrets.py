@@ -18,8 +18,8 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from daemon.logs import JsonFormatter
-from tests.fixtures import API_KEY, call, clock, emulator, make_service  # noqa: F401
-from tests.test_refresh import BACKEND_TOKEN, backend  # noqa: F401
+from tests.fixtures import API_KEY, backend, call, clock, emulator, make_service  # noqa: F401
+from tests.test_refresh import BACKEND_TOKEN
 
 ROOM_A = "room-a@resource.calendar.google.com"
 ROOM_B = "room-b@resource.calendar.google.com"
@@ -133,7 +133,7 @@ async def test_no_log_line_holds_a_whole_secret(
     make_service, emulator, clock, backend, tmp_path, json_lines
 ):
     (tmp_path / "subscriber.token").write_text(FILE_SUBSCRIBER + "\n")
-    backend.rooms((ROOM_A, TABLETS[0]), (ROOM_B, TABLETS[2]))
+    backend.serve_rooms((ROOM_A, TABLETS[0]), (ROOM_B, TABLETS[2]))
     service = await make_service(
         {
             "auth": {

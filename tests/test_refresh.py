@@ -1,22 +1,25 @@
-"""Refresh against a fake mrm_api (a small GraphQL app on 127.0.0.1) and the Google emulator.
-
-`FakeBackend` and its `backend` fixture are imported by tests/test_legacy.py too.
-"""
+"""Refresh against mrm_api's GraphQL endpoint (tests/mrm_api.py, on 127.0.0.1) and the Google
+emulator."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
-from tornado.web import Application, RequestHandler
 
 from daemon.config import DEFAULT_ROOMS_QUERY
-from tests.fixtures import API_KEY, call, clock, emulator, make_service, settle  # noqa: F401
+from tests.fixtures import (  # noqa: F401
+    API_KEY,
+    backend,
+    call,
+    clock,
+    emulator,
+    make_service,
+    settle,
+)
+from tests.mrm_api import MrmApi
 
 ROOM_A = "room-a@resource.calendar.google.com"
 ROOM_B = "room-b@resource.calendar.google.com"
@@ -38,59 +41,7 @@ def summary(added=0, updated=0, removed=0, unchanged=0, failed=()) -> dict[str, 
     }
 
 
-class FakeBackend:
-    """mrm_api's GraphQL endpoint as refresh sees it: records every request and answers with
-    `status` and `answer` (a JSON value, or bytes sent as they are)."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests: list[dict[str, Any]] = []
-        self.status = 200
-        self.answer: Any = {"data": {"allRooms": {"rooms": []}}}
-
-    def rooms(self, *entries: tuple[str | None, str | None], errors: Sequence[str] = ()) -> None:
-        """Answer these (calendarId, firebaseToken) rows, one per tablet, as the default query
-        shapes them; with `errors`, a GraphQL `errors` list beside the data."""
-        rows = [{"calendarId": c, "firebaseToken": t} for c, t in entries]
-        self.status = 200
-        self.answer = {"data": {"allRooms": {"rooms": rows}}}
-        if errors:
-            self.answer["errors"] = [{"message": m, "path": ["allRooms"]} for m in errors]
-
-
-class GraphQLHandler(RequestHandler):
-    def initialize(self, fake: FakeBackend) -> None:
-        self.fake = fake
-
-    def check_xsrf_cookie(self) -> None:
-        pass
-
-    def post(self) -> None:
-        self.fake.requests.append(
-            {
-                "authorization": self.request.headers.get("Authorization"),
-                "content_type": self.request.headers.get("Content-Type"),
-                "body": json.loads(self.request.body),
-            }
-        )
-        self.set_status(self.fake.status)
-        answer = self.fake.answer
-        self.set_header("Content-Type", "application/json")
-        self.finish(answer if isinstance(answer, bytes) else json.dumps(answer))
-
-
-@pytest.fixture
-def backend(io_loop):
-    fake = FakeBackend()
-    sock, port = bind_unused_port()
-    server = HTTPServer(Application([(r"/graphql", GraphQLHandler, {"fake": fake})]))
-    server.add_sockets([sock])
-    fake.url = f"http://127.0.0.1:{port}/graphql"
-    yield fake
-    server.stop()
-
-
-def backend_config(backend: FakeBackend, **more: Any) -> dict[str, Any]:
+def backend_config(backend: MrmApi, **more: Any) -> dict[str, Any]:
     return {"backend": {"url": backend.url, "token": BACKEND_TOKEN, **more}}
 
 
@@ -130,14 +81,14 @@ async def test_refresh_asks_with_the_token_and_query_then_adds_the_room(
     make_service, emulator, clock, backend
 ):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms((ROOM_A, TOKEN_A))
+    backend.serve_rooms((ROOM_A, TOKEN_A))
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200, answer
     assert answer == summary(added=1)
-    [request] = backend.requests
-    assert request["authorization"] == f"Bearer {BACKEND_TOKEN}"
-    assert request["content_type"].startswith("application/json")
-    assert request["body"] == {"query": DEFAULT_ROOMS_QUERY}
+    [request] = backend.calls
+    assert request.authorization == f"Bearer {BACKEND_TOKEN}"
+    assert request.content_type.startswith("application/json")
+    assert request.body == {"query": DEFAULT_ROOMS_QUERY}
     assert await tokens_of(service, ROOM_A) == [TOKEN_A]
     [channel] = await service.store.channels.list(ROOM_A)
     assert channel.state == "active"
@@ -152,7 +103,7 @@ async def test_a_second_refresh_changes_nothing_and_keeps_the_channel(
     make_service, emulator, clock, backend
 ):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms((ROOM_A, TOKEN_A), (ROOM_B, None))
+    backend.serve_rooms((ROOM_A, TOKEN_A), (ROOM_B, None))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(added=2)
     await emulator.google.drain()
     before = await service.store.channels.list()
@@ -172,18 +123,18 @@ async def test_the_configured_query_is_sent_and_any_answer_shape_is_read(
         backend_config(backend, rooms_query=query), clock=clock, emulator=emulator
     )
     rows = [{"calendarId": ROOM_A, "firebaseToken": TOKEN_A, "name": "A"}]
-    backend.answer = {"data": {"site": {"floors": [{"rooms": []}, {"rooms": rows}]}}}
+    backend.answer_always({"data": {"site": {"floors": [{"rooms": []}, {"rooms": rows}]}}})
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200, answer
     assert answer == summary(added=1)
-    assert backend.requests[0]["body"] == {"query": query}
+    assert backend.calls[0].body == {"query": query}
     assert await tokens_of(service, ROOM_A) == [TOKEN_A]
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_the_summary_has_its_shape(make_service, emulator, clock, backend):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms((None, TOKEN_A), (ROOM_A, None))
+    backend.serve_rooms((None, TOKEN_A), (ROOM_A, None))
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
     assert set(answer) == SUMMARY_KEYS
@@ -199,7 +150,7 @@ async def test_several_rows_for_one_calendar_make_one_room_with_every_tablet(
     make_service, emulator, clock, backend
 ):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms((ROOM_A, TOKEN_A), (ROOM_A, TOKEN_B), (ROOM_A, None), (ROOM_A, TOKEN_A))
+    backend.serve_rooms((ROOM_A, TOKEN_A), (ROOM_A, TOKEN_B), (ROOM_A, None), (ROOM_A, TOKEN_A))
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
     assert answer == summary(added=1)
@@ -212,7 +163,7 @@ async def test_a_room_without_tablets_is_added_with_no_token(
     make_service, emulator, clock, backend
 ):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms((ROOM_A, None))
+    backend.serve_rooms((ROOM_A, None))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(added=1)
     assert await tokens_of(service, ROOM_A) == []
     assert (await service.channels.current_channel(ROOM_A)).state == "active"
@@ -221,7 +172,7 @@ async def test_a_room_without_tablets_is_added_with_no_token(
 @pytest.mark.gen_test(timeout=20)
 async def test_a_null_calendar_id_goes_to_failed(make_service, emulator, clock, backend):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms((None, TOKEN_A), (ROOM_A, TOKEN_B))
+    backend.serve_rooms((None, TOKEN_A), (ROOM_A, TOKEN_B))
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
     assert answer == summary(
@@ -237,7 +188,9 @@ async def test_invalid_calendar_ids_and_tokens_go_to_failed_and_are_not_stored(
 ):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
     bad_id = "room\n@resource.calendar.google.com"
-    backend.rooms(("", TOKEN_A), (bad_id, TOKEN_A), ("x" * 1025, None), (ROOM_A, "bad token!"))
+    backend.serve_rooms(
+        ("", TOKEN_A), (bad_id, TOKEN_A), ("x" * 1025, None), (ROOM_A, "bad token!")
+    )
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
     assert answer["added"] == 1
@@ -253,10 +206,10 @@ async def test_invalid_calendar_ids_and_tokens_go_to_failed_and_are_not_stored(
 async def test_refresh_adds_tokens_and_never_removes_them(make_service, emulator, clock, backend):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
     await put_room(service, ROOM_A, [TOKEN_A])
-    backend.rooms((ROOM_A, TOKEN_B))
+    backend.serve_rooms((ROOM_A, TOKEN_B))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(updated=1)
     assert await tokens_of(service, ROOM_A) == [TOKEN_A, TOKEN_B]
-    backend.rooms((ROOM_A, None))
+    backend.serve_rooms((ROOM_A, None))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(unchanged=1)
     assert await tokens_of(service, ROOM_A) == [TOKEN_A, TOKEN_B]
 
@@ -267,7 +220,7 @@ async def test_a_tombstoned_token_is_not_brought_back(make_service, emulator, cl
     await put_room(service, ROOM_A, [TOKEN_A, TOKEN_B])
     now = clock.now()
     assert await service.store.rooms.tombstone_token(ROOM_A, TOKEN_B, now + 30 * 86400, now)
-    backend.rooms((ROOM_A, TOKEN_A), (ROOM_A, TOKEN_B), (ROOM_A, TOKEN_C))
+    backend.serve_rooms((ROOM_A, TOKEN_A), (ROOM_A, TOKEN_B), (ROOM_A, TOKEN_C))
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
     assert answer == summary(updated=1)
@@ -285,7 +238,7 @@ async def test_dry_run_reports_and_changes_nothing(make_service, emulator, clock
     await put_room(service, ROOM_A, [TOKEN_A])
     await put_room(service, ROOM_B, [])
     await emulator.google.drain()
-    backend.rooms((ROOM_A, TOKEN_A), (ROOM_A, TOKEN_B), (ROOM_C, TOKEN_C))
+    backend.serve_rooms((ROOM_A, TOKEN_A), (ROOM_A, TOKEN_B), (ROOM_C, TOKEN_C))
     before = await snapshot(service, emulator)
     status, answer = await call(service, "POST", "/v1/refresh?dry_run=1&allow_prune=1")
     assert status == 200, answer
@@ -307,7 +260,7 @@ async def test_rooms_the_backend_dropped_are_kept_unless_prune_is_asked(
     await put_room(service, ROOM_A, [TOKEN_A])
     await put_room(service, ROOM_B, [TOKEN_B])
     [old_b] = await service.store.channels.list(ROOM_B)
-    backend.rooms((ROOM_A, TOKEN_A))
+    backend.serve_rooms((ROOM_A, TOKEN_A))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(unchanged=1)
     assert await service.store.rooms.get(ROOM_B) is not None
     status, answer = await call(service, "POST", "/v1/refresh?allow_prune=1")
@@ -328,7 +281,7 @@ async def test_backend_prune_true_prunes_every_refresh(make_service, emulator, c
     )
     await put_room(service, ROOM_A, [])
     await put_room(service, ROOM_B, [])
-    backend.rooms((ROOM_A, None))
+    backend.serve_rooms((ROOM_A, None))
     assert (await call(service, "POST", "/v1/refresh"))[1] == summary(unchanged=1, removed=1)
     assert [r.calendar_id for r in await service.store.rooms.list()] == [ROOM_A]
     # The periodic path (no arguments) follows the config too.
@@ -347,7 +300,7 @@ async def test_no_prune_when_the_backend_answers_an_http_error(
         backend_config(backend, prune=True), clock=clock, emulator=emulator
     )
     await put_room(service, ROOM_A, [TOKEN_A])
-    backend.status, backend.answer = 500, {"data": {"allRooms": {"rooms": []}}}
+    backend.answer_always({"data": {"allRooms": {"rooms": []}}}, status=500)
     before = await snapshot(service, emulator)
     status, answer = await call(service, "POST", "/v1/refresh?allow_prune=1")
     assert status == 502
@@ -363,7 +316,7 @@ async def test_errors_beside_data_add_but_never_prune(make_service, emulator, cl
     )
     await put_room(service, ROOM_A, [])
     await put_room(service, ROOM_B, [])
-    backend.rooms((ROOM_A, TOKEN_A), (ROOM_C, None), errors=["floor 2 failed to load"])
+    backend.serve_rooms((ROOM_A, TOKEN_A), (ROOM_C, None), errors=["floor 2 failed to load"])
     status, answer = await call(service, "POST", "/v1/refresh?allow_prune=1")
     assert status == 200, answer
     failed = [{"calendar_id": None, "reason": "backend GraphQL error: floor 2 failed to load"}]
@@ -378,7 +331,7 @@ async def test_errors_without_data_are_a_backend_error(make_service, emulator, c
         backend_config(backend, prune=True), clock=clock, emulator=emulator
     )
     await put_room(service, ROOM_A, [])
-    backend.answer = {"data": None, "errors": [{"message": "not authorised"}]}
+    backend.answer_always({"data": None, "errors": [{"message": "not authorised"}]})
     before = await snapshot(service, emulator)
     status, answer = await call(service, "POST", "/v1/refresh?allow_prune=1")
     assert status == 502
@@ -399,7 +352,7 @@ async def test_an_empty_list_never_prunes_the_rooms_here(
     )
     await put_room(service, ROOM_A, [TOKEN_A])
     await put_room(service, ROOM_B, [])
-    backend.rooms(*rows)
+    backend.serve_rooms(*rows)
     before = await snapshot(service, emulator)
     status, answer = await call(service, "POST", "/v1/refresh?allow_prune=1")
     assert status == 200
@@ -412,7 +365,7 @@ async def test_an_empty_list_with_no_rooms_here_is_all_zeros(
     make_service, emulator, clock, backend
 ):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms()
+    backend.serve_rooms()
     assert (await call(service, "POST", "/v1/refresh?allow_prune=1"))[1] == summary()
 
 
@@ -423,7 +376,7 @@ async def test_an_empty_list_with_no_rooms_here_is_all_zeros(
 async def test_a_failed_channel_is_retried_by_refresh(make_service, emulator, clock, backend):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
     emulator.google.inject("watch", status=404, reason="notFound", calendar_id=ROOM_A, count=2)
-    backend.rooms((ROOM_A, TOKEN_A), (ROOM_B, TOKEN_B))
+    backend.serve_rooms((ROOM_A, TOKEN_A), (ROOM_B, TOKEN_B))
     status, answer = await call(service, "POST", "/v1/refresh")
     assert status == 200
     assert answer["added"] == 2
@@ -471,7 +424,7 @@ async def test_an_answer_that_is_not_graphql_is_a_backend_error(
     make_service, emulator, clock, backend, answer
 ):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.answer = answer
+    backend.answer_always(answer)
     status, body = await call(service, "POST", "/v1/refresh")
     assert status == 502
     assert body["error"]["code"] == "backend_error"
@@ -492,12 +445,12 @@ async def test_an_unreachable_backend_is_a_backend_error(make_service, emulator,
 @pytest.mark.gen_test(timeout=20)
 async def test_refresh_needs_the_api_key(make_service, emulator, clock, backend):
     service = await make_service(backend_config(backend), clock=clock, emulator=emulator)
-    backend.rooms((ROOM_A, TOKEN_A))
+    backend.serve_rooms((ROOM_A, TOKEN_A))
     for key in (None, "wrong-key"):
         status, answer = await call(service, "POST", "/v1/refresh", key=key)
         assert status == 401
         assert answer["error"]["code"] == "unauthorized"
-    assert backend.requests == []
+    assert backend.calls == []
     assert await service.store.rooms.list() == []
     status, _ = await call(service, "POST", "/v1/refresh", key=None, headers={"X-Api-Key": API_KEY})
     assert status == 200
@@ -525,8 +478,8 @@ async def test_periodic_refresh_runs_only_with_an_interval_and_a_url(
     assert service.periodic["refresh"].callback_time == interval * 1000
     assert service.periodic["refresh"].is_running()
     # What the periodic callback runs, called directly rather than waited for.
-    backend.rooms((ROOM_A, TOKEN_A))
+    backend.serve_rooms((ROOM_A, TOKEN_A))
     result = await service.refresher.refresh()
     assert result.as_json() == summary(added=1)
     assert await tokens_of(service, ROOM_A) == [TOKEN_A]
-    assert backend.requests[0]["authorization"] == f"Bearer {BACKEND_TOKEN}"
+    assert backend.calls[0].authorization == f"Bearer {BACKEND_TOKEN}"

@@ -1,13 +1,13 @@
 """The syncer against a real SQLite store and the real Calendar gateway on the Google emulator.
 
-Time is a ManualClock shared with the emulator: backoffs end when a test moves it. A `list`
-held at the emulator (inject(..., hold=)) keeps a sync under way for as long as a test needs.
+The environment is made of the shared fixtures (tests/fixtures.py). Time is a ManualClock shared
+with the emulator: backoffs end when a test moves it. A `list` held at the emulator
+(inject(..., hold=)) keeps a sync under way for as long as a test needs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,26 +19,15 @@ from daemon import sync as sync_module
 from daemon.clock import ManualClock
 from daemon.config import Config
 from daemon.emulator.app import Emulator
-from daemon.emulator.keys import write_service_account
 from daemon.google_calendar import GoogleCalendar
 from daemon.sync import Syncer
 from storage.base import Notification, Target
 from storage.sqlite import SqliteStore
-from tests.fixtures import list_pages  # noqa: F401
+from tests.fixtures import STORE_FILE, clock, emulator, key_file, list_pages, store  # noqa: F401
 
 CAL = "room-1@resource.calendar.google.com"
 OTHER = "room-2@resource.calendar.google.com"
 TOKENS = ["fcm-token-aaaaaaaaaaaaaaaa-1111", "fcm-token-bbbbbbbbbbbbbbbb-2222"]
-EMAIL = "mrm-push@p.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def key_info(tmp_path_factory):
-    # One RSA key for the module: generating one takes a noticeable fraction of a second.
-    path = tmp_path_factory.mktemp("key") / "key.json"
-    return write_service_account(
-        path, token_uri="http://unused/token", client_email=EMAIL, project_id="p"
-    )
 
 
 @dataclass
@@ -131,20 +120,9 @@ class Env:
 
 
 @pytest.fixture
-def env(io_loop, tmp_path, key_info):
-    clock = ManualClock()
-    emu = Emulator(clock)
-    emu.start()
-    info = dict(key_info, token_uri=emu.token_url)
-    key_file = tmp_path / "key.json"
-    key_file.write_text(json.dumps(info))
-    emu.oauth.register(info)
-    db_path = str(tmp_path / "mrm-push.sqlite3")
-    store = SqliteStore(db_path)
-    io_loop.run_sync(store.open)
+def env(io_loop, tmp_path, clock, emulator, key_file, store):
     io_loop.run_sync(lambda: store.rooms.put(CAL, "Room 1", TOKENS, clock.now()))
-    env = Env(clock, emu, store, db_path, str(key_file))
-    env.stores.append(store)
+    env = Env(clock, emulator, store, str(tmp_path / STORE_FILE), key_file)
     yield env
     for release in env.releases:
         release.set()  # a test that failed half-way leaves no call held
@@ -153,9 +131,8 @@ def env(io_loop, tmp_path, key_info):
     for gateway in env.gateways:
         gateway.close()
     io_loop.run_sync(env.google.drain)
-    for opened in env.stores:
+    for opened in env.stores:  # those a restart opened (the fixture closes the first)
         io_loop.run_sync(opened.close)
-    emu.stop()
 
 
 def expected(resource: dict[str, Any]) -> dict[str, Any]:
@@ -680,6 +657,93 @@ async def test_a_notification_of_a_deleted_room_is_skipped_without_listing(env):
     assert (await env.store.notifications.get(notification.id)).state == "skipped"
     assert env.list_calls() == 0
     assert env.published == []
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_publication_targets_the_tokens_the_room_has_once_the_list_is_in(env):
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    listing, release = env.hold_list()
+    syncer = env.syncer()
+    await env.webhook()
+    running = asyncio.ensure_future(syncer.sync_calendar(CAL))
+    await listing.wait()
+    later = "fcm-token-cccccccccccccccc-3333"
+    await env.store.rooms.put(CAL, None, [TOKENS[1], later], env.clock.now())
+    release.set()
+    published = await running
+    assert published is not None
+    assert targets_of(published) == [Target("fcm", t) for t in sorted([TOKENS[1], later])]
+
+
+@pytest.mark.parametrize("changed", [True, False])
+@pytest.mark.gen_test(timeout=15)
+async def test_a_room_deleted_during_the_list_gets_no_publication_and_no_sync_token(env, changed):
+    await env.prime()
+    if changed:
+        env.google.insert_event(CAL, summary="x")
+    listing, release = env.hold_list()
+    syncer = env.syncer()
+    notifications = [await env.webhook() for _ in range(3)]
+    running = asyncio.ensure_future(syncer.sync_calendar(CAL))
+    await listing.wait()
+    await env.store.rooms.delete(CAL)  # forgets the sync token too
+    release.set()
+    assert await running is None
+    assert env.published == [] and await env.published_in_order() == []
+    states = [(await env.store.notifications.get(n.id)).state for n in notifications]
+    assert states == ["skipped"] * 3
+    assert await env.store.channels.get_sync_token(CAL) is None
+
+
+class Counting:
+    """A repository whose coroutine methods count their calls, by name."""
+
+    def __init__(self, inner: Any, calls: dict[str, int], prefix: str) -> None:
+        self._inner, self._calls, self._prefix = inner, calls, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            key = f"{self._prefix}.{name}"
+            self._calls[key] = self._calls.get(key, 0) + 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_sync_of_fifty_notifications_costs_six_store_calls(env):
+    # received, the sync token, the room (once), publish, the new sync token, one skip for
+    # the 49 others: the room travels once and the skips do not grow with the batch.
+    await env.prime()
+    env.google.insert_event(CAL, summary="x")
+    batch = [await env.webhook() for _ in range(50)]
+    calls: dict[str, int] = {}
+    syncer = Syncer(
+        Counting(env.store.notifications, calls, "notifications"),
+        Counting(env.store.rooms, calls, "rooms"),
+        Counting(env.store.channels, calls, "channels"),
+        env.gateway(),
+        env.clock,
+        Config(),
+        env.published.append,
+    )
+    env.syncers.append(syncer)
+    published = await syncer.sync_calendar(CAL)
+    assert published is not None and published.id == batch[-1].id
+    assert calls == {
+        "notifications.received": 1,
+        "channels.get_sync_token": 1,
+        "rooms.get": 1,
+        "notifications.publish": 1,
+        "channels.set_sync_token": 1,
+        "notifications.skip": 1,
+    }
+    assert sum(calls.values()) == 6
+    states = [(await env.store.notifications.get(n.id)).state for n in batch[:-1]]
+    assert states == ["skipped"] * 49
 
 
 @pytest.mark.parametrize(

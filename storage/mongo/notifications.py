@@ -238,11 +238,14 @@ class MongoNotifications:
         # Its deliveries are the ones just written (no read back).
         return _notification(published, tuple(delivery_from_doc(d) for d in made))
 
-    async def skip(self, notification_id: int, now: float) -> None:
+    async def skip(self, notification_ids: builtins.list[int], now: float) -> None:
+        if not notification_ids:
+            return
         # Under the publication lock so a skip cannot slip between a publication's steps.
         async with self._conn.publish_lock, self._conn.op() as db:
-            await db.notifications.update_one(
-                {"_id": notification_id, "state": "received"}, {"$set": {"state": "skipped"}}
+            await db.notifications.update_many(
+                {"_id": {"$in": builtins.list(notification_ids)}, "state": "received"},
+                {"$set": {"state": "skipped"}},
             )
 
     async def list(

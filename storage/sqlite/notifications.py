@@ -176,11 +176,14 @@ class SqliteNotifications:
             (published,) = await _with_deliveries(db, [row])
         return published
 
-    async def skip(self, notification_id: int, now: float) -> None:
+    async def skip(self, notification_ids: builtins.list[int], now: float) -> None:
+        if not notification_ids:
+            return
         async with self._conn.session() as db:
             await db.execute(
-                "UPDATE notifications SET state = 'skipped' WHERE id = ? AND state = 'received'",
-                (notification_id,),
+                "UPDATE notifications SET state = 'skipped'"
+                " WHERE id IN (SELECT value FROM json_each(?)) AND state = 'received'",
+                (json.dumps(notification_ids),),
             )
 
     async def list(

@@ -231,7 +231,7 @@ async def _check_ids_and_seqs(store: Store, ops: list[tuple]) -> None:
                 assert published.seq == seq  # the next value, in publication order
                 settled[nid] = now
             else:
-                await store.notifications.skip(nid, now)
+                await store.notifications.skip([nid], now)
                 settled[nid] = received_at[nid]  # a skipped one goes by when it came
         elif op[0] == "purge":
             cutoff = now - op[1]

@@ -54,7 +54,7 @@ async def test_unsynced_notifications_are_the_received_ones(store):
     await store.notifications.add("cal-2", "poll", "exists", T0)
     await publish_new(store, "cal-1")
     assert await store.notifications.count_unsynced() == 3
-    await store.notifications.skip(skipped.id, T0 + 1)
+    await store.notifications.skip([skipped.id], T0 + 1)
     await store.notifications.publish(waiting.id, [], False, [], T0 + 1)
     assert await store.notifications.count_unsynced() == 1
 

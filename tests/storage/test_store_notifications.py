@@ -86,7 +86,7 @@ async def test_ids_increase_and_duplicates_are_refused(store):
 async def test_ids_are_never_reused_after_a_purge(store):
     first = await publish_new(store, "cal-1", [], T0)
     newest = await store.notifications.add("cal-1", "poll", "exists", T0)
-    await store.notifications.skip(newest.id, T0)
+    await store.notifications.skip([newest.id], T0)
     assert await store.notifications.purge(T0 + 1, T0 + 1) == 2
     assert await store.notifications.get(newest.id) is None
 
@@ -98,7 +98,7 @@ async def test_ids_are_never_reused_after_a_purge(store):
 async def test_received_notifications_are_the_waiting_ones_oldest_first(store):
     ids = [(await store.notifications.add("cal-1", "poll", "exists", T0)).id for _ in range(5)]
     await store.notifications.publish(ids[1], [], True, [], T0)
-    await store.notifications.skip(ids[3], T0)
+    await store.notifications.skip([ids[3]], T0)
     assert [n.id for n in await store.notifications.received()] == [ids[0], ids[2], ids[4]]
     assert [n.id for n in await store.notifications.received(limit=2)] == [ids[0], ids[2]]
     assert all(n.state == "received" for n in await store.notifications.received())
@@ -167,13 +167,30 @@ async def test_publishing_twice_returns_the_stored_notification(store):
 @pytest.mark.gen_test(timeout=10)
 async def test_skip_keeps_it_for_operators_only(store):
     n = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 1)
-    await store.notifications.skip(n.id, T0 + 1)
+    await store.notifications.skip([n.id], T0 + 1)
     skipped = await store.notifications.get(n.id)
     assert skipped.state == "skipped" and skipped.seq is None and skipped.deliveries == ()
     assert await store.notifications.last_seq() == 0
     assert await store.notifications.list() == []
     assert [x.id for x in await store.notifications.list(include_unpublished=True)] == [n.id]
     assert await store.notifications.received() == []
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_skip_takes_a_whole_batch_and_changes_only_the_received_ones(store):
+    waiting = [await store.notifications.add("cal-1", "poll", "exists", T0) for _ in range(4)]
+    other = await store.notifications.add("cal-2", "poll", "exists", T0)
+    published = await store.notifications.publish(waiting[1].id, [], True, [FCM1], T0 + 1)
+    await store.notifications.skip([], T0 + 2)  # nothing to skip: nothing changes
+    assert len(await store.notifications.received()) == 4
+    unknown = other.id + 1000
+    await store.notifications.skip([n.id for n in waiting] + [unknown], T0 + 2)
+    states = [(await store.notifications.get(n.id)).state for n in waiting]
+    assert states == ["skipped", "published", "skipped", "skipped"]
+    assert await store.notifications.get(published.id, with_deliveries=True) == published
+    assert await store.notifications.get(unknown) is None
+    assert [n.id for n in await store.notifications.received()] == [other.id]
+    assert await store.notifications.count_unsynced() == 1
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -184,7 +201,7 @@ async def test_list_notifications_filters(store):
         made[i] = await publish_new(store, calendar_id, [Target("fcm", f"t{i}")], T0 + i)
     waiting = await store.notifications.add("a", "poll", "exists", T0 + 10)
     skipped = await store.notifications.add("b", "poll", "exists", T0 + 11)
-    await store.notifications.skip(skipped.id, T0 + 11)
+    await store.notifications.skip([skipped.id], T0 + 11)
 
     async def seqs(**filters):
         return [n.seq for n in await store.notifications.list(**filters)]
@@ -232,9 +249,9 @@ async def test_purge_rules(store):
     fresh = await publish_new(store, "cal-1", [FCM1], recent)  # seq 5
     await store.outbox.finish(fresh.deliveries[0].id, "sent", recent)
     skipped_old = await store.notifications.add("cal-1", "poll", "exists", old)
-    await store.notifications.skip(skipped_old.id, old)
+    await store.notifications.skip([skipped_old.id], old)
     skipped_new = await store.notifications.add("cal-1", "poll", "exists", recent)
-    await store.notifications.skip(skipped_new.id, recent)
+    await store.notifications.skip([skipped_new.id], recent)
     waiting = await store.notifications.add("cal-1", "poll", "exists", old)  # never purged
 
     assert await store.notifications.purged_through_seq() == 0
