@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from daemon.clock import rfc3339
 from handlers.base import ApiError, BaseHandler
-from handlers.notifications import PAGE_DEFAULT, PAGE_MAX
+from handlers.notifications import PAGE_DEFAULT, PAGE_MAX, delivery_json
 from handlers.rooms import check_calendar_id
 from storage.base import (
     DELIVERY_STATES,
@@ -27,21 +27,13 @@ RETRY_FIELDS = frozenset({"ids"})
 
 
 def delivery_record_json(delivery: Delivery) -> dict[str, Any]:
-    """One delivery as GET /v1/deliveries shows it; the FCM token by its last 8 characters."""
-    token = delivery.target.token
+    """One delivery as GET /v1/deliveries shows it: a notification's summary of it (the FCM
+    token by its last 8 characters) with its ids and times."""
     return {
         "id": delivery.id,
         "notification_id": delivery.notification_id,
         "calendar_id": delivery.calendar_id,
-        "target": delivery.target.kind,
-        "token": token[-8:] if token else None,
-        "state": delivery.state,
-        "attempts": delivery.attempts,
-        # Only a pending delivery has a next attempt (an in-flight one is being tried now).
-        "next_attempt_at": rfc3339(delivery.next_attempt_at)
-        if delivery.state == "pending"
-        else None,
-        "last_error": delivery.last_error,
+        **delivery_json(delivery),
         "created_at": rfc3339(delivery.created_at),
         "updated_at": rfc3339(delivery.updated_at),
     }

@@ -14,6 +14,7 @@ PAGE_DEFAULT = 100
 
 
 def delivery_json(delivery: Delivery) -> dict[str, Any]:
+    """A delivery as a notification lists it; only a pending one has a next attempt."""
     token = delivery.target.token
     return {
         "target": delivery.target.kind,
