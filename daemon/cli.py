@@ -1,5 +1,5 @@
-"""The `mrm-push` command: serve, check-config, emulator, and the operator commands that call a
-running service."""
+"""The `mrm-push` command: serve, check-config, emulator, bench, and the operator commands that
+call a running service."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from daemon.bench.cli import add_bench_command
+from daemon.bench.cli import run as run_bench
 from daemon.configcheck import key_file_errors, warnings
 from daemon.configfile import ConfigError, LoadedConfig, describe, load_config
 from daemon.lease import InstanceRunning
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="config file (default: $MRM_PUSH_CONFIG, else built-in defaults)",
         )
     add_operator_commands(commands)
+    add_bench_command(commands)
     return parser
 
 
@@ -64,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in OPERATOR_COMMANDS:
         return run_operator(args)
+    if args.command == "bench":
+        return run_bench(args)
     try:
         loaded = load_config(args.config)
     except ConfigError as error:
