@@ -57,11 +57,16 @@ def add_bench_command(commands: Any) -> None:
     )
     pos_int, pos_float = _positive(int), _positive(float)
     add = bench.add_argument
-    add("--only", type=_parts, default=list(PARTS), help="parts to run, comma-separated")
+    add("--only", type=_parts, default=",".join(PARTS), help="parts to run, comma-separated")
     add("--json", metavar="FILE", help="write every figure, the machine and the options here")
     add("--max-seconds", type=pos_float, default=120.0, help="bound of each load and each wait")
     add("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    add("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    add(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the services' (info: an access-log line per call, as in production)",
+    )
     add("--keep", action="store_true", help="keep the temporary directory (logs, stores)")
     add("--py-spy", metavar="DIR", help="sample the service with py-spy during the ingest ceiling")
     add(
@@ -90,7 +95,7 @@ def add_bench_command(commands: Any) -> None:
     ws.add_argument("--ws-latency-count", type=pos_int, default=50, help="notifications timed")
     ws.add_argument("--ws-latency-rate", type=pos_float, default=10.0, help="their rate, per s")
     ws.add_argument("--ws-flood-seconds", type=pos_float, default=5.0, help="each flood's length")
-    ws.add_argument("--ws-bursts", type=_bursts, default=[1, 8], help="notifications per tick")
+    ws.add_argument("--ws-bursts", type=_bursts, default="1,8", help="notifications per tick")
     ws.add_argument("--ws-max-queue", type=pos_int, default=1000, help="slow-client bound, both")
     ws.add_argument("--ws-profile-cpu", action="store_true", help="one more flood, cProfiled")
     ws.add_argument(

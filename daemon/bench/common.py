@@ -100,25 +100,27 @@ class CpuMeter:
         return self.shares
 
 
-def limit_verdict(shares: dict[str, float | None], *, open_loop: bool) -> str:
+def limit_verdict(shares: dict[str, float | None], *, open_loop: bool, behind: bool = False) -> str:
     """What bounded a measurement, from the CPU each side used (a share of one CPU each):
-    the service, the load generator, the emulator, or none of them (the offered rate). The
-    service's event loop is one thread: at 85% of a CPU it is the limit whatever the rest do."""
+    the service, the load generator, the emulator, or none of them. The service's event loop
+    is one thread: at 85% of a CPU it is the limit whatever the rest do. `behind`: an open
+    loop whose calls waited for the answers to earlier ones (the receiver fell behind)."""
     if "service" not in shares:  # --url: not ours, its CPU is not read
         return f"not read (--url); generator CPU {shares.get('generator') or 0:.0%}"
     service = shares.get("service") or 0.0
-    loop = shares.get("service_loop")
-    if loop is not None and loop >= 0.85:
-        return f"service event loop ({loop:.0%} of a CPU; process {service:.0%})"
+    loop = shares.get("service_loop") or 0.0
+    cpu = f"service {service:.0%}, its event loop {loop:.0%}"
+    if loop >= 0.85:
+        return f"service event loop CPU ({cpu})"
     if service >= 0.85:
-        return f"service CPU ({service:.0%}; event loop {loop or 0:.0%})"
+        return f"service CPU ({cpu})"
     others = {k: v or 0.0 for k, v in shares.items() if k not in ("service", "service_loop")}
     if sum(others.values()) >= 0.85:  # the generator and the fakes share the other CPU
         name = max(others, key=lambda k: others[k])
-        return f"{'emulator' if name == 'fakes' else name} CPU ({others[name]:.0%})"
-    if open_loop:
-        return f"offered rate (service CPU {service:.0%})"
-    return f"waits, not CPU (service {service:.0%})"
+        return f"{'emulator' if name == 'fakes' else name} CPU ({others[name]:.0%}; {cpu})"
+    if open_loop and not behind:
+        return f"offered rate ({cpu})"
+    return f"service waits, not CPU ({cpu})"
 
 
 # -- pinning ------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def cpu_model() -> str:
 def machine() -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        # Other work on the machine when the run began (the figures depend on it).
+        # Other work on the machine before the run (the figures depend on it).
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),

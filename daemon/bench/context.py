@@ -12,6 +12,8 @@ from typing import Any
 from daemon.bench.common import CpuMeter, Pinning, limit_verdict
 from daemon.bench.service import Fakes
 
+BEHIND_MS = 50.0  # an open loop's call written this late (p99): the receiver fell behind
+
 
 @dataclass
 class Context:
@@ -36,6 +38,13 @@ class Context:
         directory = Path(self.args.cprofile)
         directory.mkdir(parents=True, exist_ok=True)
         return directory.resolve() / f"{part}.prof"
+
+    def note_profile(self, what: str, summary: dict[str, Any] | None) -> None:
+        """A line after the table saying where a profile was written (or why it was not)."""
+        if summary is None:
+            return
+        where = summary.get("text") or summary.get("file")
+        self.notes.append(f"{what}: {where or summary.get('error')}")
 
     async def close(self) -> None:
         if self.fakes is not None:
@@ -64,14 +73,24 @@ class Window:
         self.meter.stop()
         self.fakes_stats = await self.fakes.stats(mark=True) if self.fakes is not None else None
 
-    def figures(self) -> dict[str, Any]:
-        """CPU shares, the verdict on what bounded the stretch, and the fakes' loop lag."""
+    def figures(self, load: dict[str, Any] | None = None) -> dict[str, Any]:
+        """CPU shares, the verdict on what bounded the stretch, and the fakes' loop lag;
+        `load`: the figures of the open loop run in it (did its calls wait for answers?)."""
         shares = self.meter.shares
         lag = (self.fakes_stats or {}).get("lag") or {}
-        verdict = limit_verdict(shares, open_loop=self.open_loop)
+        verdict = limit_verdict(shares, open_loop=self.open_loop, behind=fell_behind(load))
         if lag.get("p99_ms") is not None and lag["p99_ms"] > 20:
             verdict += f"; emulator loop late (p99 {lag['p99_ms']:.0f} ms)"
         return {"cpu": shares, "emulator_loop_lag": lag or None, "bound_by": verdict}
+
+
+def fell_behind(load: dict[str, Any] | None) -> bool:
+    """An open loop whose calls were sent well after they were due (a worker still waiting
+    for its last answer), or that could not be answered at the rate offered."""
+    if not load or not load.get("offered_per_s"):
+        return False
+    lag = (load.get("send_lag") or {}).get("p99_ms") or 0.0
+    return lag > BEHIND_MS or load["answers_per_s"] < 0.95 * load["offered_per_s"]
 
 
 async def pause(seconds: float) -> None:

@@ -69,6 +69,8 @@ async def run_e2e(ctx: Context) -> dict[str, Any]:
         ws.close()
         changes.close()
         exit_code = await service.stop()
+    profile = service.profile()
+    ctx.note_profile("cProfile of the e2e service", profile)
     fcm_arrivals: dict[str, list[float]] = defaultdict(list)
     for row in rows:
         fcm_arrivals[str(row[1])].append(float(row[5]))
@@ -85,8 +87,8 @@ async def run_e2e(ctx: Context) -> dict[str, Any]:
         "warm_up": {"webhooks": warm.load.answered_200, "settle": warm.settle},
         "settle": settled,
         "service_exit_code": exit_code,
-        "cprofile": service.profile(),
-        **window.figures(),
+        "cprofile": profile,
+        **window.figures(webhook),
         **account(
             answered_200=warm.load.answered_200 + load.answered_200,
             stored=stored,

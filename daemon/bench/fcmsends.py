@@ -70,6 +70,8 @@ async def run_fcm(ctx: Context) -> dict[str, Any]:
         ws.close()
         changes.close()
         exit_code = await service.stop()
+    profile = service.profile()
+    ctx.note_profile("cProfile of the fcm service", profile)
     times = sorted(float(row[5]) for row in rows[before:])  # the warm-up's are not timed
     span = times[-1] - times[0] if len(times) > 1 else 0.0
     return {
@@ -83,7 +85,7 @@ async def run_fcm(ctx: Context) -> dict[str, Any]:
         "warm_up": {"webhooks": warm.load.answered_200, "settle": warm.settle},
         "settle": settled,
         "service_exit_code": exit_code,
-        "cprofile": service.profile(),
+        "cprofile": profile,
         **window.figures(),
         **account(
             answered_200=warm.load.answered_200 + sum(load.answered_200 for load in loads),

@@ -72,7 +72,7 @@ async def measure(
             rate=rate,
         )
     figures = result.figures()
-    figures.update(window.figures())
+    figures.update(window.figures(figures))
     if result.requested > sum(result.statuses.values()):
         figures["stopped_by_max_seconds"] = True
     return result, figures
@@ -160,7 +160,10 @@ async def mrm_push_run(ctx: Context) -> dict[str, Any]:
         figures = await measure_service(ctx, under)
     finally:
         exit_code = await service.stop()
-    return {**figures, "service_exit_code": exit_code, "cprofile": service.profile()}
+    cprofile = service.profile()
+    ctx.note_profile("cProfile of the ingest service", cprofile)
+    ctx.note_profile("py-spy of the ingest ceiling", figures.get("profile"))
+    return {**figures, "service_exit_code": exit_code, "cprofile": cprofile}
 
 
 async def measure_service(ctx: Context, under: Under) -> dict[str, Any]:

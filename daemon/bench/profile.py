@@ -26,7 +26,8 @@ class PySpy:
     def __init__(self, directory: str, name: str) -> None:
         self.directory = Path(directory)
         self.name = name
-        self.executable = shutil.which("py-spy")
+        beside = Path(sys.executable).parent / "py-spy"  # pip install py-spy into this venv
+        self.executable = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
         self.process: subprocess.Popen[bytes] | None = None
         self.output = self.directory / f"{name}.txt"
 
@@ -56,7 +57,7 @@ class PySpy:
     def stop(self) -> dict[str, Any] | None:
         """Stop sampling (py-spy writes its file on SIGINT) and summarise what it wrote."""
         if self.executable is None:
-            return {"error": "py-spy is not on PATH (pip install py-spy)"}
+            return {"error": "py-spy is neither on PATH nor beside python (pip install py-spy)"}
         if self.process is None:
             return None
         self.process.send_signal(signal.SIGINT)

@@ -23,6 +23,7 @@ from daemon.bench.report import render, table
 
 LOOPBACK = ("127.0.0.1", "localhost")
 MAX_TOKENS_PER_ROOM = 1000  # what PUT /v1/rooms takes
+BUSY = 0.5  # a load average above this at the start: other work shares the CPUs
 
 
 def problems(args: argparse.Namespace) -> list[str]:
@@ -118,6 +119,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for problem in found:
             print(f"mrm-push bench: {problem}", file=sys.stderr)
         return 2
+    host = machine()  # before pinning: the CPUs this run may use, the load before it
     if args.url:
         pinning = Pinning(False, description="none (--url: the service is not the bench's)")
     else:
@@ -125,6 +127,9 @@ def run_bench(args: argparse.Namespace) -> int:
     print(
         f"mrm-push bench: parts {','.join(args.only)}; pinning: {pinning.description}", flush=True
     )
+    load = host["load_average"][0]
+    if load >= BUSY:
+        print(f"  the machine is busy (load average {load:.2f}): the figures will be noisier")
     directory = Path(tempfile.mkdtemp(prefix="mrm-push-bench-"))
     started = time.time()
     try:
@@ -153,7 +158,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "mrm_push": _version(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "seconds": seconds,
-            "machine": machine(),
+            "machine": host,
             "pinning": pinning.as_json(),
             "options": options(args),
             "parts": parts,
