@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from daemon.bench.accounting import account, change_latencies
-from daemon.bench.run import exit_code, problems
+from daemon.bench.run import api_key, exit_code, problems
 from daemon.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,9 +153,15 @@ def test_the_exit_status_says_whether_anything_was_lost_or_failed():
     assert exit_code({"ingest": {"status": "failed", "error": "x"}}) == 1
 
 
-def test_a_running_service_must_be_on_loopback_and_come_with_its_key():
-    parse = build_parser().parse_args
-    assert problems(parse(["bench"])) == []
-    remote = problems(parse(["bench", "--url", "http://192.0.2.1:8080", "--api-key", "k"]))
-    assert any("127.0.0.1" in p for p in remote)
-    assert any("--api-key" in p for p in problems(parse(["bench", "--url", "http://127.0.0.1:1"])))
+def test_a_running_service_must_be_on_loopback_and_come_with_its_key(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("# the bench's key\nbench-key-0123456789\n")
+    ours = ["bench", "--url", "http://127.0.0.1:1", "--emulator-url", "http://127.0.0.1:2"]
+    args = build_parser().parse_args([*ours, "--api-key-file", str(key_file)])
+    assert api_key(args) == "bench-key-0123456789"
+    args.api_key = api_key(args)
+    assert problems(args) == []
+    remote = build_parser().parse_args(["bench", "--url", "http://192.0.2.1:8080"])
+    assert any("127.0.0.1" in p for p in problems(remote))
+    keyless = build_parser().parse_args(ours)
+    assert any("--api-key-file" in p for p in problems(keyless))

@@ -1,5 +1,9 @@
-"""What must not be lost: every 200 a stored notification, every change published once, every
-FCM message (and WebSocket frame) expected arriving once."""
+"""What must not be lost: 200s stored, changes published once, FCM messages arriving once.
+
+Every webhook answered 200 is a stored notification, every change the bench made is in
+exactly one published notification, every FCM message expected (one per published
+notification and tablet token) arrives once, and so does every WebSocket frame.
+"""
 
 from __future__ import annotations
 

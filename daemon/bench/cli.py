@@ -17,7 +17,7 @@ failed. Everything stays on 127.0.0.1."""
 
 
 def _parts(text: str) -> list[str]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise argparse.ArgumentTypeError(f"parts are {','.join(PARTS)} (got {text!r})")
@@ -77,7 +77,10 @@ def add_bench_command(commands: Any) -> None:
     )
     url = bench.add_argument_group("a running service instead of the bench's own (ingest only)")
     url.add_argument("--url", help="the service, on 127.0.0.1 (its webhook at /notifications)")
-    url.add_argument("--api-key", help="an API key of that service (auth.api_keys)")
+    url.add_argument(
+        "--api-key-file",
+        help="a file holding an API key of that service (or $MRM_PUSH_API_KEY)",
+    )
     url.add_argument("--emulator-url", help="the emulator that service's Google is pointed at")
     ingest = bench.add_argument_group("ingest")
     ingest.add_argument("--connections", type=pos_int, default=50, help="keep-alive connections")

@@ -1,6 +1,9 @@
-"""Part (b), webhook to tablet: each webhook follows a real change of an emulated calendar, and
-the time from its send to the FCM message at the FCM emulator (and to the frame at a WebSocket
-client subscribed to "*") is taken per change, at a fixed notifications/s over N calendars."""
+"""Part (b), webhook to tablet: the time from a webhook to its FCM message and WebSocket frame.
+
+Each webhook follows a real change of an emulated calendar, and the time from its send to the
+FCM message at the FCM emulator (and to the frame at a WebSocket client subscribed to "*") is
+taken per change, at a fixed notifications/s over N calendars.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Part (d), FCM sends/s: the delivery worker sending to the FCM emulator as fast as it can,
-many published notifications times many tablet tokens, counted where they arrive."""
+"""Part (d), FCM sends/s: the delivery worker sending to the FCM emulator as fast as it can.
+
+Many published notifications times many tablet tokens, counted where they arrive.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""Part (a), webhook ingest: the closed-loop ceiling and the answer time at a fixed rate, for
-the bare and naive reference receivers and for mrm-push with its syncs and FCM sends running,
-all from the same generator in the same run."""
+"""Part (a), webhook ingest: the ceiling and the answer time at a fixed rate, against references.
+
+The closed-loop ceiling and the answer time at a fixed rate, for the bare and naive reference
+receivers and for mrm-push with its syncs and FCM sends running, all from the same generator
+in the same run.
+"""
 
 from __future__ import annotations
 

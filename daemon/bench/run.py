@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from daemon.bench.common import Pinning, machine, plan_pinning
 from daemon.bench.context import Context
 from daemon.bench.procs import BenchError
 from daemon.bench.report import render, table
+from daemon.client import UsageError
+from daemon.opcli import API_KEY_ENV, read_secret_file
 
 LOOPBACK = ("127.0.0.1", "localhost")
 MAX_TOKENS_PER_ROOM = 1000  # what PUT /v1/rooms takes
@@ -32,8 +35,11 @@ def problems(args: argparse.Namespace) -> list[str]:
         host = urlsplit(args.url).hostname
         if host not in LOOPBACK:
             found.append(f"--url must be on 127.0.0.1 (the bench stays on loopback), not {host}")
-        if not args.api_key or not args.emulator_url:
-            found.append("--url needs --api-key and --emulator-url (its channels' tokens)")
+        if not getattr(args, "api_key", None) or not args.emulator_url:
+            found.append(
+                "--url needs an API key (--api-key-file or $MRM_PUSH_API_KEY) and "
+                "--emulator-url (its channels' tokens)"
+            )
         elif urlsplit(args.emulator_url).hostname not in LOOPBACK:
             found.append("--emulator-url must be on 127.0.0.1")
     if args.fcm_tokens > MAX_TOKENS_PER_ROOM or args.tablets > MAX_TOKENS_PER_ROOM:
@@ -109,11 +115,23 @@ def exit_code(parts: dict[str, dict[str, Any]]) -> int:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    hidden = {"api_key", "command"}
+    hidden = {"api_key", "api_key_file", "command"}
     return {k: v for k, v in sorted(vars(args).items()) if k not in hidden}
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """--url's key: the first line of --api-key-file, else $MRM_PUSH_API_KEY (never argv)."""
+    if args.api_key_file:
+        return read_secret_file("--api-key-file", args.api_key_file)
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    try:
+        args.api_key = api_key(args) if args.url else None
+    except UsageError as error:
+        print(f"mrm-push bench: {error}", file=sys.stderr)
+        return 2
     found = problems(args)
     if found:
         for problem in found:

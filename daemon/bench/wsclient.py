@@ -1,5 +1,7 @@
-"""A companion-app client on the bench's loop: subscribed to "*", it notes when each
-notification frame arrives (and what the bench waits for: changes seen, frames counted)."""
+"""A companion-app client on the bench's loop, subscribed to "*": when each frame arrived.
+
+It also tells the bench when every change it waits for was in a frame.
+"""
 
 from __future__ import annotations
 
