@@ -1,4 +1,4 @@
-"""The `mrm-push` command line: serve, check-config, emulator, and the operator commands.
+"""The `mrm-push` command line: serve, check-config, emulator, bench and the operator commands.
 
 The operator commands call a running service."""
 
@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from daemon.bench.cli import add_bench_command
+from daemon.bench.cli import run as run_bench
 from daemon.configcheck import key_file_errors, warnings
 from daemon.configfile import ConfigError, LoadedConfig, describe, load_config
 from daemon.lease import InstanceRunning
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="config file (default: $MRM_PUSH_CONFIG, else built-in defaults)",
         )
     add_operator_commands(commands)
+    add_bench_command(commands)
     return parser
 
 
@@ -65,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in OPERATOR_COMMANDS:
         return run_operator(args)
+    if args.command == "bench":
+        return run_bench(args)
     try:
         loaded = load_config(args.config)
     except ConfigError as error:

@@ -131,7 +131,7 @@ class Outbox:
             # Nothing queued in the stream: hand the bytes to the kernel here. IOStream.write
             # makes a Future per call and call_soon()s its callback: two objects per socket per
             # tick that outlive the tick, and at 10,000 sockets the cyclic GC's full collections
-            # that follow cost more than the writes (tests/bench/ws_bench.py measures it).
+            # that follow cost more than the writes (`mrm-push bench --only ws` measures it).
             try:
                 sent = stream.socket.send(data)
             except (BlockingIOError, InterruptedError):

@@ -19,14 +19,15 @@ from tests.fixtures import call, make_service  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 PROTOCOL = ROOT / "docs" / "protocol.md"
-# Where the service's own error codes come from: not the emulator's, nor the operator
+# Where the service's own error codes come from: not the emulator's or the bench's, nor the operator
 # commands' (daemon/client.py and daemon/op*.py run on the operator's side, not in the service).
 CLIENT_SIDE = ("client.py", "opcli.py", "opcommands.py", "optables.py", "optail.py")
 CODE_SOURCES = [
     path
     for folder in ("handlers", "daemon")
     for path in sorted((ROOT / folder).rglob("*.py"))
-    if "emulator" not in path.relative_to(ROOT).parts and path.name not in CLIENT_SIDE
+    if not {"emulator", "bench"} & set(path.relative_to(ROOT).parts)
+    and path.name not in CLIENT_SIDE
 ]
 HTTP_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 # Text that sends a reader outside the repository (the project's shared folder, its contract).

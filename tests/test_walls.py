@@ -61,7 +61,9 @@ SHARED = {
     "Rooms": (),
     "InstanceLease": (),
     "StoreGauges": (),
-    "Service": ("daemon/cli.py",),
+    # The CLI runs it; the bench's WebSocket server runs it in its own child process beside a
+    # publishing driver (mrm-push bench --only ws).
+    "Service": ("daemon/cli.py", "daemon/bench/ws_server.py"),
 }
 BUILDER = "daemon/app.py"
 

@@ -1,6 +1,6 @@
-"""The reference for the WebSocket bench: a server on the `websockets` library's broadcast().
+"""The WebSocket part's reference: a server on the `websockets` library's broadcast().
 
-    python tests/bench/ws_reference_server.py --port P --token T   # driven by ws_bench.py
+    python -m daemon.bench.ws_reference --port P --token T   # driven by `mrm-push bench`
 
 asyncio, `websockets.asyncio.server.serve` with compression off and no keepalive pings, and
 just enough of contract 5 for the load generator: a Bearer token checked before the upgrade,
@@ -16,7 +16,7 @@ SWEEP_EVERY seconds compares each transport's write buffer with max_queue times 
 size and aborts the connections over it (mrm-push checks at every send; the sweep is cheaper).
 
 Commands on stdin, one JSON object a line, answers on stdout: `publish` (count, rate), `flood`
-(seconds, burst), `stats`, `quit`; see ws_bench.py.
+(seconds, burst), `stats`, `gc`, `quit`; see daemon/bench/ws_part.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported when run: ws_bench.py takes make_change from here without them
+if TYPE_CHECKING:  # imported when run: ws_server.py takes make_change from here without them
     from websockets.asyncio.server import Server, ServerConnection
     from websockets.http11 import Request, Response
 
