@@ -13,9 +13,9 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -25,6 +25,7 @@ from storage.sqlite.migrations import migrate
 log = logging.getLogger(__name__)
 
 Params = Sequence[Any]
+T = TypeVar("T")
 
 # Error codes that mean "try again later" rather than "this call is wrong".
 _TRANSIENT_ERRORS = (
@@ -218,6 +219,23 @@ class Connection:
             except sqlite3.Error as exc:
                 self._writes.failed(exc)
                 raise store_error(exc) from exc
+
+    async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(connection, *args)` run on aiosqlite's thread as one call: one hop there
+        and back instead of one per statement. It must finish its own transaction (commit or
+        roll back) before it returns or raises: if the caller is cancelled, the lock is free
+        while it still runs, and the next call's statements queue behind it."""
+        async with self._lock:
+            db = self.connection()
+            self._file.check()
+            try:
+                # aiosqlite's own queue-a-function entry (Connection._execute, present through
+                # 0.22): the statement methods are built on it.
+                result: T = await cast(Any, db)._execute(function, cast(Any, db)._conn, *args)
+            except sqlite3.Error as exc:
+                self._writes.failed(exc)
+                raise store_error(exc) from exc
+            return result
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -24,6 +24,7 @@ from storage.base import (
     Target,
 )
 from storage.sqlite.connection import Connection, as_time, fetch_all, fetch_one
+from storage.sqlite.group_commit import GroupCommit
 from storage.sqlite.outbox import delivery_from_row
 
 
@@ -76,6 +77,7 @@ class SqliteNotifications:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._group = GroupCommit(conn)
 
     async def add(
         self,
@@ -87,26 +89,14 @@ class SqliteNotifications:
         message_number: int | None = None,
     ) -> Notification:
         # AUTOINCREMENT ids: never handed out twice, even after the newest row is purged.
-        async with self._conn.transaction() as db:
-            try:
-                row = await fetch_one(
-                    db,
-                    "INSERT INTO notifications (calendar_id, source, channel_id, message_number,"
-                    " resource_state, received_at, state, changes, full_resync)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 'received', '[]', 0) RETURNING *",
-                    (calendar_id, source, channel_id, message_number, resource_state, received_at),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise DuplicateNotification(
-                    f"notification {message_number} of channel {channel_id} is stored already"
-                ) from exc
-            if channel_id is not None and message_number is not None:
-                await db.execute(
-                    "UPDATE channels SET last_message_number = ?"
-                    " WHERE id = ? AND last_message_number < ?",
-                    (message_number, channel_id, message_number),
-                )
-        assert row is not None
+        # Written with the rows of concurrent callers in one transaction (group_commit).
+        row = await self._group.add(
+            (calendar_id, source, channel_id, message_number, resource_state, received_at)
+        )
+        if row is None:
+            raise DuplicateNotification(
+                f"notification {message_number} of channel {channel_id} is stored already"
+            )
         return _notification(row)
 
     async def get(
