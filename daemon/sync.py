@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 RETRY_BASE = 5.0  # seconds before the first retry of a calendar whose sync failed
 RETRY_CAP = 600.0  # the poll (900 s by default) must not be the only thing that retries
 BATCH_LIMIT = 10_000  # received notifications taken by one sync (or one resume) at most
+# During a burst the syncs of one calendar start at most this often (seconds, the loop's
+# clock): the first of a burst at once, the next one takes all that came meanwhile. Each sync
+# costs a Google call and, when it finds changes, a publication and its FCM sends; spacing them
+# keeps the core free for the webhooks while a screen still knows well within a second.
+SYNC_SPACING = 0.2
 
 
 class RetryLater(Exception):
@@ -178,7 +183,9 @@ class Syncer:
         try:
             if attempt:
                 await self._back_off(calendar_id, attempt)
+            loop = asyncio.get_running_loop()
             while True:
+                started = loop.time()
                 self._dirty.discard(calendar_id)
                 try:
                     await self._locked_sync(calendar_id, poll=False)
@@ -189,6 +196,8 @@ class Syncer:
                     await self._back_off(calendar_id, attempt)
                 if calendar_id not in self._dirty:
                     return
+                if not attempt:
+                    await asyncio.sleep(max(0.0, started + SYNC_SPACING - loop.time()))
         finally:
             if self._workers.get(calendar_id) is asyncio.current_task():
                 del self._workers[calendar_id]
