@@ -28,6 +28,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from daemon.bench.ws_reference import CALENDAR, GcClock, make_change
 
 ROOT = str(Path(__file__).resolve().parents[2]) + "/"
@@ -218,7 +220,8 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--trace", action="store_true", help="tracemalloc from the start")
     args = parser.parse_args()
-    asyncio.run(serve(args.config, args.trace))
+    # On the event loop `mrm-push serve` runs (daemon/cli.py).
+    uvloop.run(serve(args.config, args.trace))
     return 0
 
 
