@@ -186,6 +186,46 @@ async def test_a_burst_of_ten_is_at_most_two_syncs_and_one_publication(env):
 
 
 @pytest.mark.gen_test(timeout=15)
+async def test_the_next_sync_of_a_burst_starts_sync_spacing_after_the_first(env, monkeypatch):
+    monkeypatch.setattr(sync_module, "SYNC_SPACING", 0.05)
+    await env.prime()
+    env.google.insert_event(CAL, summary="standup")
+    syncer = env.syncer()
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+    locked_sync = syncer._locked_sync
+
+    async def timed(calendar_id: str, *, poll: bool) -> Notification | None:
+        starts.append(loop.time())
+        return await locked_sync(calendar_id, poll=poll)
+
+    monkeypatch.setattr(syncer, "_locked_sync", timed)
+    await env.webhook()
+    syncer.kick(CAL)
+    await env.webhook()
+    syncer.kick(CAL)  # the first sync is under way: this one waits for the spacing
+    await syncer.drain(5)
+    assert len(starts) == 2
+    assert starts[1] - starts[0] >= 0.05
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_lone_notification_is_synced_at_once_whatever_the_spacing(env, monkeypatch):
+    monkeypatch.setattr(sync_module, "SYNC_SPACING", 3600.0)  # a wait would outlast the test
+    await env.prime()
+    syncer = env.syncer()
+    for summary in ("standup", "retro"):
+        env.google.insert_event(CAL, summary=summary)
+        await env.webhook()
+        syncer.kick(CAL)
+        await syncer.drain(5)
+    assert [n.changes[0]["summary"] for n in await env.published_in_order()] == [
+        "standup",
+        "retro",
+    ]
+
+
+@pytest.mark.gen_test(timeout=15)
 async def test_the_newest_of_a_batch_is_published_and_the_others_skipped(env):
     await env.prime()
     event = env.google.insert_event(CAL, summary="standup")
