@@ -1,7 +1,8 @@
 """The SQLite backend of the `Store`: one file, WAL journal, a versioned schema (migrations.py).
 
-One module per repository (rooms, channels, notifications, outbox, meta), all on the one
-`Connection` (connection.py), which also watches the file's health.
+One module per repository (rooms, channels, notifications, outbox, meta), all on one
+`Connection` (connection.py), which also watches the file's health; the webhook's own traffic
+(its channel lookup and the group commit of new notifications) on a second one beside it.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ class SqliteStore:
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._conn = Connection(path, busy_timeout)
+        # Webhooks wait for nothing of the pipeline's (syncs, publications, deliveries), whose
+        # calls queue on the first connection: only SQLite's own write lock is shared, and it
+        # is held for one transaction at a time.
+        self._ingest = Connection(path, busy_timeout, beside=self._conn)
         self._rooms = SqliteRooms(self._conn)
-        self._channels = SqliteChannels(self._conn)
-        self._notifications = SqliteNotifications(self._conn)
+        self._channels = SqliteChannels(self._conn, reads=self._ingest)
+        self._notifications = SqliteNotifications(self._conn, ingest=self._ingest)
         self._outbox = SqliteOutbox(self._conn)
         self._meta = SqliteMeta(self._conn)
 
@@ -61,8 +66,14 @@ class SqliteStore:
 
     async def open(self) -> None:
         await self._conn.open()
+        try:
+            await self._ingest.open()
+        except BaseException:
+            await self._conn.close()
+            raise
 
     async def close(self) -> None:
+        await self._ingest.close()
         await self._conn.close()
 
     async def ping(self) -> None:

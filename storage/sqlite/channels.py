@@ -58,8 +58,11 @@ async def _meta_count(db: aiosqlite.Connection, key: str) -> int:
 class SqliteChannels:
     """`ChannelRepository` on the `channels`, stop and `sync_tokens` tables."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, *, reads: Connection | None = None) -> None:
         self._conn = conn
+        # `get` (each webhook's lookup) on the webhook's connection: every write here commits
+        # before it returns, so any connection reads what it wrote.
+        self._reads = reads or conn
 
     async def insert(self, channel: Channel) -> None:
         values = dataclasses.asdict(channel)
@@ -77,7 +80,7 @@ class SqliteChannels:
                 raise DuplicateChannel(f"channel {channel.id} is stored already") from exc
 
     async def get(self, channel_id: str) -> Channel | None:
-        async with self._conn.session() as db:
+        async with self._reads.session() as db:
             row = await fetch_one(db, "SELECT * FROM channels WHERE id = ?", (channel_id,))
         return _channel(row) if row is not None else None
 

@@ -194,13 +194,18 @@ class Connection:
     interleave either; a repository may write another aggregate's tables in its transaction
     (a token leaving a room cancels its deliveries in the same step)."""
 
-    def __init__(self, path: str, busy_timeout: float) -> None:
+    def __init__(self, path: str, busy_timeout: float, *, beside: Connection | None = None) -> None:
+        """`beside`: a second connection to the file that `beside` opens (and migrates) first,
+        sharing its watch on the file and on failed writes."""
         self.path = path
         self._busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
-        self._file = FileIdentity(os.path.abspath(path))
-        self._writes = WriteHealth(path)
+        self._primary = beside is None
+        self._file: FileIdentity = (
+            FileIdentity(os.path.abspath(path)) if beside is None else beside._file
+        )
+        self._writes: WriteHealth = WriteHealth(path) if beside is None else beside._writes
 
     def connection(self) -> aiosqlite.Connection:
         """The open connection; StoreUnavailable while the store is not open."""
@@ -282,7 +287,11 @@ class Connection:
     async def open(self) -> None:
         if self._db is not None:
             return
-        await asyncio.to_thread(self._prepare_file)
+        if self._primary:
+            # Never beside an open connection: closing any descriptor of the file drops every
+            # POSIX lock this process holds on it, and another process closing its last
+            # connection would then take ours for gone and delete the WAL under us.
+            await asyncio.to_thread(self._prepare_file)
         try:
             db = await aiosqlite.connect(
                 self.path, isolation_level=None, timeout=self._busy_timeout
@@ -300,11 +309,12 @@ class Connection:
             # PRAGMA takes no parameters; both values are our own ints.
             await db.execute(f"PRAGMA wal_autocheckpoint = {int(WAL_AUTOCHECKPOINT_PAGES)}")
             await db.execute(f"PRAGMA journal_size_limit = {int(WAL_SIZE_LIMIT)}")
-            await migrate(db, self.path)
-            # Prove we can write (a read-only file or directory opens fine and fails later).
-            await db.execute("BEGIN IMMEDIATE")
-            await db.execute("UPDATE meta SET value = value WHERE key = 'seq'")
-            await db.execute("COMMIT")
+            if self._primary:
+                await migrate(db, self.path)
+                # Prove we can write (a read-only file or directory opens fine, fails later).
+                await db.execute("BEGIN IMMEDIATE")
+                await db.execute("UPDATE meta SET value = value WHERE key = 'seq'")
+                await db.execute("COMMIT")
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):

@@ -75,9 +75,9 @@ async def _read(
 class SqliteNotifications:
     """`NotificationRepository` on the `notifications` table."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, *, ingest: Connection | None = None) -> None:
         self._conn = conn
-        self._group = GroupCommit(conn)
+        self._group = GroupCommit(ingest or conn)
 
     async def add(
         self,

@@ -91,10 +91,10 @@ async def test_a_failed_batch_stores_none_of_its_rows_and_fails_every_caller(tmp
         # The disk is full from here on: no page may be added to the file.
         with sqlite3.connect(path) as other:
             pages = other.execute("PRAGMA page_count").fetchone()[0]
-        db = store._conn.connection()
+        db = store._ingest.connection()
         await db.execute(f"PRAGMA max_page_count = {int(pages)}")
         # Held, so that the rows below queue up and are written as one batch.
-        await store._conn._lock.acquire()
+        await store._ingest._lock.acquire()
         big = "cal-" + "x" * 200_000  # needs pages the file may not grow by
         calls = [
             store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 2),
@@ -103,7 +103,7 @@ async def test_a_failed_batch_stores_none_of_its_rows_and_fails_every_caller(tmp
         ]
         tasks = [asyncio.ensure_future(call) for call in calls]
         await asyncio.sleep(0)  # every caller queued its row
-        store._conn._lock.release()
+        store._ingest._lock.release()
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(outcome, StoreError) for outcome in outcomes), outcomes
         assert committed_rows(path) == [("cal-1", 1)]
@@ -121,16 +121,35 @@ async def test_a_failed_batch_stores_none_of_its_rows_and_fails_every_caller(tmp
 async def test_the_queue_of_rows_waiting_is_bounded(tmp_path):
     store, _ = await open_store(tmp_path)
     try:
-        group = GroupCommit(store._conn, max_batch=2, max_pending=3)
-        await store._conn._lock.acquire()  # nothing is written meanwhile
+        group = GroupCommit(store._ingest, max_batch=2, max_pending=3)
+        await store._ingest._lock.acquire()  # nothing is written meanwhile
         row = ("cal-1", "webhook", None, None, "exists", T0)
         waiting = [asyncio.ensure_future(group.add(row)) for _ in range(3)]
         await asyncio.sleep(0)
         with pytest.raises(StoreUnavailable, match="waiting to be stored"):
             await group.add(row)
-        store._conn._lock.release()
+        store._ingest._lock.release()
         stored = await asyncio.gather(*waiting)
         assert all(found is not None for found in stored)
         assert group.batches == 2  # max_batch rows per transaction
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_webhook_waits_for_no_call_queued_on_the_pipelines_connection(tmp_path):
+    store, path = await open_store(tmp_path)
+    try:
+        # A sync, publication or delivery holding the main connection as long as it likes.
+        await store._conn._lock.acquire()
+        try:
+            channel = await store.channels.get("ch-1")
+            assert channel is not None
+            stored = await store.notifications.add("cal-1", "webhook", "exists", T0, "ch-1", 7)
+            assert committed_rows(path) == [("cal-1", 7)]
+        finally:
+            store._conn._lock.release()
+        # What the webhook's connection wrote, the other one reads.
+        assert (await store.notifications.get(stored.id)) == stored
     finally:
         await store.close()

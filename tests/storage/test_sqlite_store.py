@@ -334,3 +334,40 @@ async def test_the_wal_is_bounded_and_maintain_truncates_it(tmp_path):
         assert room is not None and len(room.firebase_tokens) == 10_000
     finally:
         await store.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_another_process_opening_and_closing_the_file_leaves_ours_intact(tmp_path):
+    # Our two connections hold POSIX locks on the file: a descriptor of it opened and closed
+    # beside them would drop those locks, and the other process, closing what it then takes
+    # for the last connection, would delete the WAL under ours (writes lost, disk I/O errors).
+    path = str(tmp_path / "mrm-push.sqlite3")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.rooms.put("cal-1", "Kampala", ["t1"], T0)
+        other = (
+            "import asyncio, sys\n"
+            "from storage.sqlite import SqliteStore\n"
+            "async def main():\n"
+            "    store = SqliteStore(sys.argv[1])\n"
+            "    await store.open()\n"
+            "    await store.close()\n"
+            "asyncio.run(main())\n"
+        )
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", other, path], cwd=REPO, timeout=20
+        )
+        assert done.returncode == 0
+        await store.rooms.put("cal-2", "Lagos", ["t2"], T0)
+        with sqlite3.connect(path) as reader:
+            found = reader.execute("SELECT calendar_id FROM rooms ORDER BY calendar_id")
+            assert [row[0] for row in found] == ["cal-1", "cal-2"]
+    finally:
+        await store.close()
+    reopened = SqliteStore(path)
+    await reopened.open()
+    try:
+        assert {room.calendar_id for room in await reopened.rooms.list()} == {"cal-1", "cal-2"}
+    finally:
+        await reopened.close()
