@@ -76,6 +76,20 @@ async def fetch_one(db: aiosqlite.Connection, sql: str, params: Params = ()) -> 
     return rows[0] if rows else None
 
 
+def in_transaction(db: sqlite3.Connection, body: Callable[..., T], *args: Any) -> T:
+    """On aiosqlite's thread (`Connection.in_thread`): `body(db, *args)` in one BEGIN IMMEDIATE
+    transaction, committed when it returns and rolled back when it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(db, *args)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.rollback()
+        raise
+    return result
+
+
 def _identity(path: str) -> tuple[int, int]:
     found = os.stat(path)
     return found.st_dev, found.st_ino

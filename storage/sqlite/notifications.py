@@ -23,7 +23,13 @@ from storage.base import (
     StoreError,
     Target,
 )
-from storage.sqlite.connection import Connection, as_time, fetch_all, fetch_one
+from storage.sqlite.connection import (
+    Connection,
+    as_time,
+    fetch_all,
+    fetch_one,
+    in_transaction,
+)
 from storage.sqlite.group_commit import GroupCommit
 from storage.sqlite.outbox import delivery_from_row
 
@@ -70,6 +76,51 @@ async def _read(
     if with_deliveries:
         return await _with_deliveries(db, rows)
     return [_notification(row) for row in rows]
+
+
+def _publish(
+    db: sqlite3.Connection,
+    notification_id: int,
+    changes: builtins.list[dict[str, Any]],
+    full_resync: bool,
+    targets: builtins.list[Target],
+    now: float,
+) -> tuple[sqlite3.Row, builtins.list[sqlite3.Row]]:
+    """On aiosqlite's thread, inside the transaction: the notification as published, and its
+    deliveries (already published: as it is, unchanged)."""
+
+    def read() -> sqlite3.Row:
+        rows = db.execute("SELECT * FROM notifications WHERE id = ?", (notification_id,))
+        found = rows.fetchall()
+        if not found:
+            raise StoreError(f"notification {notification_id} is not stored")
+        row: sqlite3.Row = found[0]
+        return row
+
+    row = read()
+    if row["state"] == "received":
+        (seq,) = db.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value"
+        ).fetchall()
+        db.execute(
+            "UPDATE notifications SET state = 'published', seq = ?, changes = ?,"
+            " full_resync = ?, published_at = ? WHERE id = ?",
+            (seq[0], json.dumps(changes), int(full_resync), now, notification_id),
+        )
+        db.executemany(
+            "INSERT INTO deliveries (notification_id, calendar_id, target_kind,"
+            " target_token, state, attempts, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+            [
+                (notification_id, row["calendar_id"], t.kind, t.token, now, now, now)
+                for t in targets
+            ],
+        )
+        row = read()
+    deliveries = db.execute(
+        "SELECT * FROM deliveries WHERE notification_id = ? ORDER BY id", (notification_id,)
+    ).fetchall()
+    return row, deliveries
 
 
 class SqliteNotifications:
@@ -133,37 +184,12 @@ class SqliteNotifications:
         now: float,
     ) -> Notification:
         # One transaction: the counter, the seq and the deliveries commit together, and commits
-        # are serialised, so seq N is never visible before seq N-1.
-        async with self._conn.transaction() as db:
-            row = await fetch_one(
-                db, "SELECT * FROM notifications WHERE id = ?", (notification_id,)
-            )
-            if row is None:
-                raise StoreError(f"notification {notification_id} is not stored")
-            if row["state"] == "received":
-                seq_row = await fetch_one(
-                    db, "UPDATE meta SET value = value + 1 WHERE key = 'seq' RETURNING value"
-                )
-                assert seq_row is not None
-                await db.execute(
-                    "UPDATE notifications SET state = 'published', seq = ?, changes = ?,"
-                    " full_resync = ?, published_at = ? WHERE id = ?",
-                    (seq_row[0], json.dumps(changes), int(full_resync), now, notification_id),
-                )
-                await db.executemany(
-                    "INSERT INTO deliveries (notification_id, calendar_id, target_kind,"
-                    " target_token, state, attempts, next_attempt_at, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
-                    [
-                        (notification_id, row["calendar_id"], t.kind, t.token, now, now, now)
-                        for t in targets
-                    ],
-                )
-                row = await fetch_one(
-                    db, "SELECT * FROM notifications WHERE id = ?", (notification_id,)
-                )
-                assert row is not None
-            (published,) = await _with_deliveries(db, [row])
+        # are serialised, so seq N is never visible before seq N-1. One hop to aiosqlite's
+        # thread for all of it.
+        row, deliveries = await self._conn.in_thread(
+            in_transaction, _publish, notification_id, changes, full_resync, targets, now
+        )
+        published = _notification(row, tuple(delivery_from_row(d) for d in deliveries))
         return published
 
     async def skip(self, notification_ids: builtins.list[int], now: float) -> None:

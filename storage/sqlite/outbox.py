@@ -23,7 +23,13 @@ from storage.base import (
     Target,
     TargetKind,
 )
-from storage.sqlite.connection import Connection, as_time, fetch_all, fetch_one
+from storage.sqlite.connection import (
+    Connection,
+    as_time,
+    fetch_all,
+    fetch_one,
+    in_transaction,
+)
 
 
 def delivery_from_row(row: sqlite3.Row) -> Delivery:
@@ -97,6 +103,24 @@ async def _room_tokens(
     return rooms
 
 
+_STICKY = json.dumps(rules.STICKY_STATES)
+
+
+def _finish(db: sqlite3.Connection, params: tuple[Any, ...]) -> sqlite3.Row | None:
+    db.execute(
+        "UPDATE deliveries SET state = ?, updated_at = ?, lease_until = NULL,"
+        " attempts = coalesce(?, attempts),"
+        " next_attempt_at = coalesce(?, next_attempt_at),"
+        " last_error = coalesce(?, last_error)"
+        " WHERE id = ? AND state NOT IN (SELECT value FROM json_each(?))",
+        params,
+    )
+    found: list[sqlite3.Row] = db.execute(
+        "SELECT * FROM deliveries WHERE id = ?", (params[5],)
+    ).fetchall()
+    return found[0] if found else None
+
+
 class SqliteOutbox:
     """`OutboxRepository` on the `deliveries` table."""
 
@@ -142,24 +166,12 @@ class SqliteOutbox:
         last_error: str | None = None,
     ) -> Delivery | None:
         rules.check_finish(state)
-        async with self._conn.transaction() as db:
-            await db.execute(
-                "UPDATE deliveries SET state = ?, updated_at = ?, lease_until = NULL,"
-                " attempts = coalesce(?, attempts),"
-                " next_attempt_at = coalesce(?, next_attempt_at),"
-                " last_error = coalesce(?, last_error)"
-                " WHERE id = ? AND state NOT IN (SELECT value FROM json_each(?))",
-                (
-                    state,
-                    now,
-                    attempts,
-                    next_attempt_at,
-                    last_error,
-                    delivery_id,
-                    json.dumps(rules.STICKY_STATES),
-                ),
-            )
-            row = await fetch_one(db, "SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+        # One hop to aiosqlite's thread for the whole transaction (each attempt ends here).
+        row = await self._conn.in_thread(
+            in_transaction,
+            _finish,
+            (state, now, attempts, next_attempt_at, last_error, delivery_id, _STICKY),
+        )
         return delivery_from_row(row) if row is not None else None
 
     async def cancel(self, calendar_id: str, token: str | None = None) -> int:
