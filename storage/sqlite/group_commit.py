@@ -17,7 +17,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from storage.base import StoreError, StoreUnavailable
-from storage.sqlite.connection import Connection
+from storage.sqlite.connection import Connection, in_transaction
 
 # Rows written in one transaction; more wait for the next one.
 GROUP_COMMIT_MAX_BATCH = 256
@@ -35,30 +35,24 @@ _INSERT = (
 _ADVANCE = "UPDATE channels SET last_message_number = ? WHERE id = ? AND last_message_number < ?"
 
 
-def insert_batch(
+def insert_rows(
     db: sqlite3.Connection, rows: Sequence[NotificationRow]
 ) -> list[sqlite3.Row | None]:
-    """On aiosqlite's thread: every row in one transaction; None for a row the unique (channel,
-    message number) pair refused (a duplicate fails only its own statement, not the batch)."""
+    """On aiosqlite's thread, inside the batch's transaction (`in_transaction`): each row, or
+    None for one the unique (channel, message number) pair refused (a duplicate fails only its
+    own statement, not the batch)."""
     stored: list[sqlite3.Row | None] = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for row in rows:
-            try:
-                # fetchall: the statement must be finished before the COMMIT.
-                inserted = db.execute(_INSERT, row).fetchall()
-            except sqlite3.IntegrityError:
-                stored.append(None)
-                continue
-            stored.append(inserted[0])
-            channel_id, message_number = row[2], row[3]
-            if channel_id is not None and message_number is not None:
-                db.execute(_ADVANCE, (message_number, channel_id, message_number))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.rollback()
-        raise
+    for row in rows:
+        try:
+            # fetchall: the statement must be finished before the COMMIT.
+            inserted = db.execute(_INSERT, row).fetchall()
+        except sqlite3.IntegrityError:
+            stored.append(None)
+            continue
+        stored.append(inserted[0])
+        channel_id, message_number = row[2], row[3]
+        if channel_id is not None and message_number is not None:
+            db.execute(_ADVANCE, (message_number, channel_id, message_number))
     return stored
 
 
@@ -100,20 +94,23 @@ class GroupCommit:
             del self._pending[: self.max_batch]
             self._writing = len(batch)
             try:
-                stored = await self._conn.in_thread(insert_batch, [row for row, _ in batch])
-            except StoreError as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(type(exc)(str(exc)))
-                continue
-            except BaseException:
-                # Cancelled (the loop is closing): this batch may or may not have committed,
-                # and nobody is left to write what is queued. Each caller learns it failed.
+                stored = await self._conn.in_thread(
+                    in_transaction, insert_rows, [row for row, _ in batch]
+                )
+            except asyncio.CancelledError:
+                # The loop is closing: this batch may or may not have committed, and nobody is
+                # left to write what is queued. Each caller learns it failed.
                 for _, future in [*batch, *self._pending]:
                     if not future.done():
                         future.set_exception(StoreUnavailable("sqlite: the store is closing"))
                 self._pending.clear()
                 raise
+            except Exception as exc:  # StoreError, or aiosqlite's own (a closed connection)
+                failure = exc if isinstance(exc, StoreError) else StoreUnavailable(f"sqlite: {exc}")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(type(failure)(str(failure)))
+                continue
             finally:
                 self._writing = 0
             self.batches += 1
